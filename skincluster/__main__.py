@@ -1,0 +1,3 @@
+from skincluster.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""`skincluster` command line. Argument parsing only: each command calls the package.
+
+Heavy imports (TensorFlow, Ray) happen inside the command that needs them, so
+`skincluster ingest` and `--help` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="HAM10000 (Kaggle folders or Dataverse zips, local or s3://) -> Parquet store",
+        description="Decode, resize to 125x100, split by lesion and write Parquet shards plus manifest.json.",
+    )
+    p.add_argument("source", help="folder, .zip or URI holding HAM10000_metadata.csv and the images")
+    p.add_argument("dest", help="store folder or URI (created; an existing store is replaced atomically)")
+    p.add_argument("--split", choices=("lesion", "image"), default="lesion",
+                   help="lesion: no lesion in two splits (default); image: the study's leaky split")
+    p.add_argument("--clean", choices=("none", "study"), default="none",
+                   help="study: drop rows with missing/zero age or unknown sex/localization, as the study did")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--fractions", default="0.675,0.075,0.25", help="train,val,test fractions (default the study's)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero and write nothing if any row is quarantined")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.set_defaults(func=_run_ingest)
+
+
+def _run_ingest(args) -> int:
+    from skincluster.data.ingest import IngestOptions, ingest
+
+    try:
+        fractions = tuple(float(x) for x in args.fractions.split(","))
+    except ValueError:
+        raise ValueError(f"--fractions expects three numbers like 0.675,0.075,0.25, got {args.fractions!r}") from None
+    options = IngestOptions(
+        split=args.split, clean=args.clean, seed=args.seed, fractions=fractions, strict=args.strict, workers=args.workers
+    )
+    ingest(args.source, args.dest, options)
+    return 0
+
+
+def _add_demo_data(sub) -> None:
+    p = sub.add_parser(
+        "demo-data",
+        help="write a synthetic HAM10000-shaped data set (Kaggle layout) for trying things out",
+    )
+    p.add_argument("dest", help="folder to create")
+    p.add_argument("--images", type=int, default=2000, help="number of images (default 2000)")
+    p.add_argument("--size", default="600x450", help="image size WIDTHxHEIGHT (default 600x450, as the original)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo data set in DEST")
+    p.set_defaults(func=_run_demo_data)
+
+
+def _run_demo_data(args) -> int:
+    from skincluster.data.synthetic import write_demo_dataset
+
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size expects WIDTHxHEIGHT like 600x450, got {args.size!r}") from None
+    summary = write_demo_dataset(args.dest, n_images=args.images, image_size=(width, height), seed=args.seed,
+                                 overwrite=args.overwrite)
+    print(f"wrote {summary.n_images} synthetic images of {summary.n_lesions} lesions to {summary.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skincluster",
+        description="Train and compare skin-lesion classifiers on HAM10000 with Ray Train and Ray Tune.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_ingest(sub)
+    _add_demo_data(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from skincluster.data.ham10000 import SourceError
+    from skincluster.data.ingest import IngestError
+    from skincluster.data.store import StoreError
+
+    try:
+        return int(args.func(args) or 0)
+    except IngestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (SourceError, StoreError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

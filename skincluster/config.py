@@ -1,0 +1,214 @@
+"""Typed configuration: what a run trains (Recipe), on what (DataConfig), on
+how much hardware (Scaling), and the profiles that size them.
+
+Every run writes its resolved config next to its results, so a number in a
+report can always be traced back to the exact settings that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IMAGE_HEIGHT = 100
+IMAGE_WIDTH = 125
+IMAGE_SHAPE = (IMAGE_HEIGHT, IMAGE_WIDTH, 3)
+#: The study's class order; label i in the store is CLASS_NAMES[i].
+CLASS_NAMES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+CLASS_LONG_NAMES = {
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
+MELANOMA = "mel"
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The study's ImageDataGenerator settings, as Keras preprocessing layers."""
+
+    rotation_degrees: float = 0.0
+    zoom: float = 0.0
+    #: Fraction of width and of height (the study's width/height_shift_range).
+    shift: float = 0.0
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rotation_degrees or self.zoom or self.shift or self.horizontal_flip or self.vertical_flip)
+
+
+NO_AUGMENTATION = Augmentation()
+STUDY_AUGMENTATION = Augmentation(rotation_degrees=10, zoom=0.1, shift=0.12, horizontal_flip=True, vertical_flip=True)
+ENHANCED_AUGMENTATION = Augmentation(rotation_degrees=30, zoom=0.3, shift=0.12, horizontal_flip=True, vertical_flip=True)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one architecture is trained. Defaults are the study's Adam settings."""
+
+    learning_rate: float
+    epochs: int
+    batch_size: int = 10
+    adam_beta_1: float = 0.9
+    adam_beta_2: float = 0.999
+    adam_epsilon: float = 1e-8
+    augmentation: Augmentation = NO_AUGMENTATION
+    #: ReduceLROnPlateau on validation accuracy, as the study configured it.
+    reduce_lr_on_plateau: bool = False
+    lr_patience: int = 5
+    lr_factor: float = 0.5
+    min_lr: float = 1e-5
+    #: Early stopping on validation balanced accuracy (None: run the whole budget).
+    early_stopping_patience: int | None = None
+    #: Backbone layers left trainable, counted from the end (None: no backbone).
+    trainable_layers: int | None = None
+    #: "imagenet", None (random init) or a path/URI to a Keras weights file.
+    weights: str | None = "imagenet"
+    #: MobileNet width multiplier (the shared offline weights are alpha 0.75).
+    alpha: float = 1.0
+    class_weight: Literal["none", "balanced"] = "none"
+    loss: Literal["crossentropy", "focal"] = "crossentropy"
+    focal_gamma: float = 2.0
+    #: float16 compute with a float32 softmax; worth it on GPUs only.
+    mixed_precision: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the Parquet store is and how much of it a run reads."""
+
+    store: str
+    #: Train on at most this many training images (None: all); val/test are capped
+    #: proportionally so a smoke run stays small end to end.
+    limit: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Hardware for one Ray Train run."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0
+    cpus_per_worker: float = 1
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big a run is: `smoke` runs in seconds on a laptop CPU, `full` is the study."""
+
+    name: str
+    #: Cap on every recipe's epoch budget (None: the recipe's own, e.g. 500).
+    max_epochs: int | None
+    #: Cap on training images (None: all).
+    limit: int | None
+    #: Recipe fields forced by the profile, e.g. a larger batch for CPU.
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES = {
+    "smoke": Profile("smoke", max_epochs=2, limit=96, recipe_overrides={"batch_size": 16}),
+    "cpu": Profile("cpu", max_epochs=None, limit=None, recipe_overrides={"batch_size": 32}),
+    "full": Profile("full", max_epochs=None, limit=None),
+}
+
+
+def replace_fields(obj: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of dataclass `obj` with `overrides` applied, type-checked.
+
+    Keys may be dotted (``augmentation.zoom``) and values may be strings as they
+    come from the command line (``--set epochs=20``); they are converted to the
+    field's declared type, and an unknown key is an error naming the key.
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(obj))
+            raise ValueError(f"unknown {type(obj).__name__} field {head!r}; known fields: {known}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[head] = _coerce(value, hints[head], key)
+    for head, sub in nested.items():
+        flat[head] = replace_fields(flat.get(head, getattr(obj, head)), sub)
+    return dataclasses.replace(obj, **flat)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return hint(**value)
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    args = typing.get_args(hint)
+    if text.lower() in ("none", "null") and type(None) in args:
+        return None
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if text not in args:
+            raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}")
+        return text
+    candidates = [a for a in args if a is not type(None)] if args else [hint]
+    for candidate in candidates:
+        try:
+            if candidate is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            if candidate in (int, float, str):
+                return candidate(text)
+        except ValueError:
+            continue
+    raise ValueError(f"{key}={value!r}: cannot be read as {hint}")
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, str]:
+    """``["epochs=5", "augmentation.zoom=0.2"]`` -> dict, with a clear error."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def load_overrides(path: str) -> dict[str, Any]:
+    """Read recipe overrides from a JSON file: ``{"epochs": 20, "augmentation": {"zoom": 0.2}}``."""
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of recipe fields")
+    return _flatten(data)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,364 @@
+"""`skincluster ingest SOURCE DEST`: HAM10000 to a Parquet store, once.
+
+Order of work, so that bad input never damages a store that already exists:
+
+1. find the metadata and images, check the CSV's columns (stop here on error);
+2. quarantine unusable rows, decode every image in parallel (draft JPEG
+   decoding, all cores), quarantine the ones that fail;
+3. split the usable rows by lesion, compute train-only channel statistics;
+4. write the shards under temporary names into a folder named after the
+   content, then ``manifest.json`` last; only then delete older shards.
+
+The same source and options give the same content fingerprint, so a re-run
+finds the store up to date and writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import skincluster
+from skincluster import storage
+from skincluster.config import CLASS_NAMES, IMAGE_SHAPE
+from skincluster.data import ham10000, store
+from skincluster.data.images import RESAMPLE, ImageDecodeError, decode_image
+from skincluster.data.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
+from skincluster.progress import Progress
+
+
+class IngestError(RuntimeError):
+    """Ingest stopped; `exit_code` is what the CLI returns."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    split: str = "lesion"
+    clean: str = "none"
+    seed: int = 0
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    strict: bool = False
+    #: Decoding processes; None uses every core.
+    workers: int | None = None
+
+
+@dataclass
+class IngestResult:
+    dest: str
+    manifest: dict[str, Any]
+    #: False when the store was already up to date and nothing was written.
+    written: bool
+    seconds: float
+    images_per_second: float
+    quarantine: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- decoding
+
+_worker_fs = None
+_worker_zips: dict[str, Any] = {}
+
+
+def _worker_init(source_root: str) -> None:
+    global _worker_fs
+    _worker_fs, _ = storage.resolve(source_root)
+
+
+def _read(loc: ham10000.ImageLocation) -> bytes:
+    # Each process keeps its zip files open: re-reading the central directory
+    # of a 2.6 GB zip for every member would dominate the decode time.
+    if loc.member is None:
+        return storage.read_bytes(_worker_fs, loc.path)
+    import zipfile
+
+    archive = _worker_zips.get(loc.path)
+    if archive is None:
+        archive = _worker_zips[loc.path] = zipfile.ZipFile(_worker_fs.open_input_file(loc.path))
+    return archive.read(loc.member)
+
+
+def _decode_chunk(chunk: list[tuple[int, ham10000.ImageLocation]]) -> list[tuple]:
+    """(index, pixels bytes | None, error | None, md5, channel sums, channel sums of squares)."""
+    out = []
+    for index, loc in chunk:
+        try:
+            data = _read(loc)
+        except (OSError, KeyError) as exc:
+            out.append((index, None, f"cannot read {loc.describe()}: {exc}", "", None, None))
+            continue
+        md5 = hashlib.md5(data).hexdigest()
+        try:
+            pixels = decode_image(data)
+        except ImageDecodeError as exc:
+            out.append((index, None, f"{loc.describe()}: {exc}", md5, None, None))
+            continue
+        flat = pixels.reshape(-1, 3).astype(np.int64)
+        out.append((index, pixels.tobytes(), None, md5, flat.sum(axis=0), (flat * flat).sum(axis=0)))
+    return out
+
+
+def _decode_all(
+    source_root: str, locations: list[ham10000.ImageLocation], workers: int, progress: Progress
+) -> list[tuple]:
+    tasks = list(enumerate(locations))
+    chunk_size = 32
+    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
+    results: list[tuple] = [None] * len(tasks)  # type: ignore[list-item]
+    if workers <= 1 or len(tasks) < 4 * chunk_size:
+        _worker_init(source_root)
+        for chunk in chunks:
+            for item in _decode_chunk(chunk):
+                results[item[0]] = item
+            progress.advance(len(chunk))
+        _worker_zips.clear()
+        return results
+    # spawn, not fork: the parent may hold pyarrow/Ray threads, which fork can deadlock.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(source_root,)) as pool:
+        for batch in pool.imap_unordered(_decode_chunk, chunks):
+            for item in batch:
+                results[item[0]] = item
+            progress.advance(len(batch))
+    return results
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, log=print) -> IngestResult:
+    started = time.perf_counter()
+    if options.split == "image":
+        _shout(log, "--split image reproduces the study's LEAKY split: images of one lesion land in "
+                    "train and test, so test scores are inflated. Use it only to reproduce the study.")
+    src_fs, src_root = storage.resolve(source)
+    listing = ham10000.discover(src_fs, src_root)
+    extra = ham10000.STUDY_CLEANING_COLUMNS if options.clean == "study" else ()
+    frame = ham10000.read_metadata(src_fs, listing.metadata, extra_required=extra)
+    rows_in = len(frame)
+    checked = ham10000.check_rows(frame, options.clean)
+    quarantine = list(checked.quarantine)
+    rows = checked.rows
+
+    all_ids = set(frame["image_id"])
+    orphans = sorted(i for i in listing.images if i not in all_ids)
+    has_file = rows["image_id"].isin(listing.images.keys())
+    for r, i in zip(rows.loc[~has_file, "row"], rows.loc[~has_file, "image_id"]):
+        quarantine.append({"row": int(r), "image_id": i, "reason": "image file not found in the source"})
+    rows = rows.loc[has_file].reset_index(drop=True)
+
+    workers = options.workers or os.cpu_count() or 1
+    progress = Progress("decoding", total=len(rows), unit="images")
+    decoded = _decode_all(source, [listing.images[i] for i in rows["image_id"]], workers, progress)
+    progress.close()
+    decode_seconds = progress.elapsed
+
+    ok = np.array([d[2] is None for d in decoded], dtype=bool)
+    for r, i, d in zip(rows["row"], rows["image_id"], decoded):
+        if d[2] is not None:
+            quarantine.append({"row": int(r), "image_id": i, "reason": d[2]})
+    md5 = [d[3] for d in decoded]
+    rows["source_md5"] = md5
+    pixels = [d[1] for d in decoded if d[2] is None]
+    sums = np.array([d[4] for d in decoded if d[2] is None]).reshape(-1, 3)
+    sums_sq = np.array([d[5] for d in decoded if d[2] is None]).reshape(-1, 3)
+    good = rows.loc[ok].reset_index(drop=True)
+    quarantine.sort(key=lambda q: q["row"])
+
+    rows_written = len(good)
+    accounted = rows_written + len(quarantine) + len(checked.dropped)
+    if accounted != rows_in:  # a bug, not bad input: never write a store that lost rows
+        raise IngestError(f"internal error: {rows_in} rows in but {accounted} accounted for", exit_code=3)
+
+    if quarantine:
+        _print_quarantine(log, quarantine)
+    if options.strict and quarantine:
+        raise IngestError(f"--strict: {len(quarantine)} row(s) quarantined; nothing was written to {dest}")
+    if rows_written == 0:
+        raise IngestError(f"{source}: no usable rows; nothing was written to {dest}")
+
+    good["split"] = assign_splits(good, by=options.split, fractions=options.fractions, seed=options.seed).to_numpy()
+    train = (good["split"] == "train").to_numpy()
+    mean, std = store.channel_stats(sums[train], sums_sq[train], IMAGE_SHAPE[0] * IMAGE_SHAPE[1])
+
+    metadata_bytes = ham10000.read_location(src_fs, listing.metadata)
+    fingerprint = _fingerprint(metadata_bytes, good, options)
+    ingest_id = fingerprint[:16]
+
+    dest_fs, dest_root = storage.resolve(dest)
+    manifest_path = posixpath.join(dest_root, store.MANIFEST_NAME)
+    if storage.exists(dest_fs, manifest_path):
+        existing = storage.read_json(dest_fs, manifest_path)
+        if existing.get("fingerprint") == fingerprint and _files_present(dest_fs, dest_root, existing):
+            log(f"{dest} is already up to date (same source and options); nothing written.")
+            seconds = time.perf_counter() - started
+            return IngestResult(dest, existing, False, seconds, rows_in / max(decode_seconds, 1e-9), quarantine)
+
+    folder = posixpath.join(dest_root, store.SHARDS_DIR, ingest_id)
+    files = []
+    for split in SPLITS:
+        sel = np.flatnonzero((good["split"] == split).to_numpy())
+        part = good.iloc[sel]
+        columns = {c: part[c].tolist() for c in store.METADATA_COLUMNS}
+        columns["age"] = [None if pd.isna(a) else float(a) for a in part["age"]]
+        table = store.shard_table(columns, [pixels[i] for i in sel])
+        for f in store.write_shards(dest_fs, folder, split, table):
+            files.append({"path": f"{store.SHARDS_DIR}/{ingest_id}/{f['name']}", "split": split, "rows": f["rows"]})
+
+    labels = good["label"].to_numpy()
+    splits_arr = good["split"].to_numpy()
+    manifest = {
+        "schema_version": store.SCHEMA_VERSION,
+        "skincluster_version": skincluster.__version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ingest_id": ingest_id,
+        "fingerprint": fingerprint,
+        "source": str(source),
+        "source_checksums": _source_checksums(metadata_bytes, listing, good, rows),
+        "options": {
+            "split": options.split,
+            "leaky_split": options.split == "image",
+            "clean": options.clean,
+            "seed": options.seed,
+            "fractions": dict(zip(SPLITS, options.fractions)),
+        },
+        "image": {
+            "height": IMAGE_SHAPE[0],
+            "width": IMAGE_SHAPE[1],
+            "channels": IMAGE_SHAPE[2],
+            "dtype": "uint8",
+            "layout": "HWC RGB, raw bytes in the binary column 'image'",
+            "resize": f"JPEG draft decoding, then Pillow {RESAMPLE.name.lower()}",
+        },
+        "classes": list(CLASS_NAMES),
+        "counts": store.class_counts(labels, splits_arr),
+        "lesions": {s: int(good.loc[good["split"] == s, "lesion_id"].nunique()) for s in SPLITS},
+        "stats": {"mean": mean, "std": std, "computed_on": "train", "images": int(train.sum())},
+        "rows": {
+            "in": rows_in,
+            "written": rows_written,
+            "quarantined": len(quarantine),
+            "dropped_by_cleaning": len(checked.dropped),
+        },
+        "files": files,
+        "quarantine": quarantine,
+        "dropped": checked.dropped,
+        "orphans": orphans,
+        "duplicate_files": listing.duplicate_files,
+    }
+    storage.write_json_atomic(dest_fs, manifest_path, manifest)
+    store.remove_unreferenced_shards(dest_fs, dest_root, keep={ingest_id})
+
+    seconds = time.perf_counter() - started
+    result = IngestResult(dest, manifest, True, seconds, len(rows) / max(decode_seconds, 1e-9), quarantine)
+    _print_summary(log, result, orphans)
+    if options.split == "image":
+        _shout(log, "This store uses the LEAKY image-level split (--split image).")
+    return result
+
+
+def _fingerprint(metadata_bytes: bytes, good: pd.DataFrame, options: IngestOptions) -> str:
+    h = hashlib.sha256()
+    h.update(f"schema={store.SCHEMA_VERSION};shape={IMAGE_SHAPE};resample={RESAMPLE.name}\n".encode())
+    h.update(f"split={options.split};clean={options.clean};seed={options.seed};fractions={options.fractions}\n".encode())
+    h.update(hashlib.sha256(metadata_bytes).digest())
+    for image_id, md5 in sorted(zip(good["image_id"], good["source_md5"])):
+        h.update(f"{image_id}:{md5}\n".encode())
+    return h.hexdigest()
+
+
+def _files_present(fs, root: str, manifest: dict) -> bool:
+    return all(storage.exists(fs, posixpath.join(root, f["path"])) for f in manifest.get("files", []))
+
+
+def _source_checksums(metadata_bytes: bytes, listing, good: pd.DataFrame, rows: pd.DataFrame) -> dict:
+    """md5/sha256 of the metadata file and, per image folder or zip, a digest of its images.
+
+    The per-container digest is the sha256 of the sorted ``image_id:md5`` lines of
+    the images read from it, so it identifies the image content without hashing
+    multi-GB zips a second time.
+    """
+    md5_of = dict(zip(rows["image_id"], rows["source_md5"]))
+    per_container: dict[str, list[str]] = {}
+    for image_id, loc in listing.images.items():
+        if image_id in md5_of and md5_of[image_id]:
+            container = loc.path if loc.member is not None else posixpath.dirname(loc.path)
+            per_container.setdefault(container, []).append(f"{image_id}:{md5_of[image_id]}\n")
+    containers = {}
+    for container, lines in sorted(per_container.items()):
+        digest = hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+        containers[_relative(container, listing.root)] = {"images": len(lines), "images_sha256": digest}
+    return {
+        "metadata": {
+            "path": _relative(listing.metadata.describe(), listing.root),
+            "md5": hashlib.md5(metadata_bytes).hexdigest(),
+            "sha256": hashlib.sha256(metadata_bytes).hexdigest(),
+        },
+        "containers": containers,
+    }
+
+
+def _relative(path: str, root: str) -> str:
+    rel = posixpath.relpath(path, root) if path.startswith(root) else path
+    return "." if rel == "" else rel
+
+
+# --------------------------------------------------------------------------- console
+
+
+def _shout(log, message: str) -> None:
+    bar = "!" * 78
+    log(f"{bar}\n!! WARNING: {message}\n{bar}")
+
+
+def _print_quarantine(log, quarantine: list[dict], limit: int = 20) -> None:
+    log(f"quarantined {len(quarantine)} row(s):")
+    for q in quarantine[:limit]:
+        log(f"  row {q['row']:>6}  {q['image_id'] or '<no image_id>'}: {q['reason']}")
+    if len(quarantine) > limit:
+        log(f"  ... and {len(quarantine) - limit} more (all listed in manifest.json under 'quarantine')")
+    reasons = Counter(q["reason"].split(":")[-1].strip() if ":" in q["reason"] else q["reason"] for q in quarantine)
+    if len(reasons) > 1:
+        for reason, n in reasons.most_common(5):
+            log(f"  {n:>6} x {reason}")
+
+
+def _print_summary(log, result: IngestResult, orphans: list[str]) -> None:
+    m = result.manifest
+    counts = m["counts"]
+    header = f"{'class':<8}" + "".join(f"{s:>8}" for s in SPLITS) + f"{'all':>8}"
+    lines = [header, "-" * len(header)]
+    for name in [*CLASS_NAMES, "total"]:
+        per = [counts[s][name] for s in SPLITS]
+        lines.append(f"{name:<8}" + "".join(f"{n:>8}" for n in per) + f"{sum(per):>8}")
+    lines.append(f"{'lesions':<8}" + "".join(f"{m['lesions'][s]:>8}" for s in SPLITS) + f"{sum(m['lesions'].values()):>8}")
+    rows = m["rows"]
+    lines.append("")
+    lines.append(
+        f"rows in {rows['in']} = written {rows['written']} + quarantined {rows['quarantined']}"
+        + (f" + dropped by cleaning {rows['dropped_by_cleaning']}" if rows["dropped_by_cleaning"] else "")
+        + "  (checked)"
+    )
+    if orphans:
+        lines.append(f"orphan image files (no metadata row): {len(orphans)}, e.g. {', '.join(orphans[:5])}")
+    if m["duplicate_files"]:
+        lines.append(f"duplicate image files ignored: {len(m['duplicate_files'])}")
+    stats = m["stats"]
+    lines.append("train mean/std (RGB): " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(stats["mean"], stats["std"])))
+    lines.append(f"decoded at {result.images_per_second:,.0f} images/s; total {result.seconds:.1f} s")
+    lines.append(f"store: {result.dest}")
+    log("\n".join(lines))
+

@@ -1,0 +1,227 @@
+"""The Parquet store: image shards per split plus a manifest that is written last.
+
+Layout under the store root (a local folder or a URI)::
+
+    manifest.json                       the commit point: only what it lists is the store
+    shards/<ingest_id>/train-00000.parquet
+    shards/<ingest_id>/val-00000.parquet
+    shards/<ingest_id>/test-00000.parquet
+
+Images are a ``binary`` column of raw HWC uint8 bytes. Reading that column
+into numpy is one ``np.frombuffer`` over the Arrow data buffer (no copy, no
+per-row Python), which measured 4-18x faster than ``fixed_shape_tensor`` or
+list columns. A store is complete exactly when ``manifest.json`` exists: an
+ingest that dies mid-way leaves at most an unreferenced shard folder, which
+the next ingest removes.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from skincluster import storage
+from skincluster.config import CLASS_NAMES, IMAGE_SHAPE
+from skincluster.data.splits import SPLITS
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+IMAGE_BYTES = int(np.prod(IMAGE_SHAPE))
+#: ~1,000 images (37.5 MB) per file: enough files for parallel reads, few enough
+#: that per-file overhead stays small.
+ROWS_PER_SHARD = 1024
+#: Row groups are the unit Ray Data and pyarrow stream; 256 images is ~9.6 MB.
+ROWS_PER_ROW_GROUP = 256
+
+SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("lesion_id", pa.string(), nullable=False),
+        pa.field("dx", pa.string(), nullable=False),
+        pa.field("label", pa.int8(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("dx_type", pa.string()),
+        pa.field("age", pa.float32()),
+        pa.field("sex", pa.string()),
+        pa.field("localization", pa.string()),
+        pa.field("source_md5", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+    ],
+    metadata={
+        "skincluster.image_shape": ",".join(map(str, IMAGE_SHAPE)),
+        "skincluster.image_layout": "HWC uint8 RGB",
+    },
+)
+METADATA_COLUMNS = [f.name for f in SCHEMA if f.name != "image"]
+
+
+class StoreError(ValueError):
+    """The path is not a complete, readable store."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """An opened store: its root, filesystem and manifest."""
+
+    root: str
+    fs: pafs.FileSystem
+    path: str
+    manifest: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def channel_mean(self) -> list[float]:
+        return list(self.manifest["stats"]["mean"])
+
+    @property
+    def channel_std(self) -> list[float]:
+        return list(self.manifest["stats"]["std"])
+
+    def split_files(self, split: str) -> list[str]:
+        """Paths (inside `fs`) of the shards of one split."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+        return [posixpath.join(self.path, f["path"]) for f in self.manifest["files"] if f["split"] == split]
+
+    def split_uris(self, split: str) -> list[str]:
+        """The same shards as paths or URIs that Ray Data can open on any node."""
+        return [storage.join(self.root, f["path"]) for f in self.manifest["files"] if f["split"] == split]
+
+    def count(self, split: str) -> int:
+        return int(self.manifest["counts"][split]["total"])
+
+    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        tables = [pq.read_table(p, filesystem=self.fs, columns=columns) for p in self.split_files(split)]
+        if not tables:
+            return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+        return pa.concat_tables(tables)
+
+
+def open_store(root: str) -> Store:
+    """Open a store, refusing one whose manifest is missing or from another schema."""
+    fs, path = storage.resolve(root)
+    manifest_path = posixpath.join(path, MANIFEST_NAME)
+    if not storage.exists(fs, manifest_path):
+        hint = ""
+        if storage.exists(fs, posixpath.join(path, SHARDS_DIR)):
+            hint = " (shards exist but no manifest: an ingest did not finish; run it again)"
+        raise StoreError(f"{root}: not a skincluster store, no {MANIFEST_NAME}{hint}")
+    manifest = storage.read_json(fs, manifest_path)
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{root}: store schema version {version}, this skincluster reads {SCHEMA_VERSION}; re-ingest")
+    return Store(root, fs, path, manifest)
+
+
+def images_from_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(n, 100, 125, 3) uint8 view of a binary image column, without per-row work.
+
+    A single chunk is returned as a zero-copy view of the Arrow buffer; several
+    chunks cost one concatenation.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    arrays = [_chunk_images(c) for c in chunks if len(c)]
+    if not arrays:
+        return np.empty((0, *IMAGE_SHAPE), dtype=np.uint8)
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _chunk_images(chunk: pa.Array) -> np.ndarray:
+    if chunk.null_count:
+        raise StoreError("image column holds nulls")
+    if pa.types.is_large_binary(chunk.type):
+        offsets_dtype = np.int64
+    elif pa.types.is_binary(chunk.type):
+        offsets_dtype = np.int32
+    else:
+        raise StoreError(f"image column has type {chunk.type}, expected binary")
+    _, offsets_buf, data_buf = chunk.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=offsets_dtype, count=len(chunk) + 1, offset=chunk.offset * np.dtype(offsets_dtype).itemsize)
+    if not np.all(np.diff(offsets) == IMAGE_BYTES):
+        raise StoreError(f"image column entries are not all {IMAGE_BYTES} bytes (100x125x3)")
+    flat = np.frombuffer(data_buf, dtype=np.uint8, count=len(chunk) * IMAGE_BYTES, offset=int(offsets[0]))
+    return flat.reshape(len(chunk), *IMAGE_SHAPE)
+
+
+def labels_from_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return column.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+
+
+def shard_table(rows: dict[str, list], images: list[bytes]) -> pa.Table:
+    return pa.Table.from_pydict({**rows, "image": images}, schema=SCHEMA)
+
+
+def write_shards(
+    fs: pafs.FileSystem,
+    folder: str,
+    split: str,
+    table: pa.Table,
+) -> list[dict[str, Any]]:
+    """Write one split as numbered shards, each under a temporary name then renamed."""
+    fs.create_dir(folder, recursive=True)
+    written = []
+    for index, start in enumerate(range(0, max(table.num_rows, 1), ROWS_PER_SHARD)):
+        part = table.slice(start, ROWS_PER_SHARD)
+        if part.num_rows == 0:
+            break
+        name = f"{split}-{index:05d}.parquet"
+        final = posixpath.join(folder, name)
+        tmp = final + ".tmp"
+        # Raw pixels barely compress; zstd level 1 still trims the metadata columns
+        # and costs little to decode.
+        pq.write_table(
+            part,
+            tmp,
+            filesystem=fs,
+            row_group_size=ROWS_PER_ROW_GROUP,
+            compression="zstd",
+            compression_level=1,
+        )
+        fs.move(tmp, final)
+        written.append({"name": name, "split": split, "rows": part.num_rows})
+    return written
+
+
+def channel_stats(sums: np.ndarray, sums_sq: np.ndarray, pixels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (population) from per-image sums; float64 throughout."""
+    total = sums.sum(axis=0, dtype=np.float64)
+    total_sq = sums_sq.sum(axis=0, dtype=np.float64)
+    n = pixels * len(sums)
+    if n == 0:
+        raise StoreError("the train split is empty: cannot compute normalisation statistics")
+    mean = total / n
+    var = np.maximum(total_sq / n - mean**2, 0.0)
+    return [float(x) for x in mean], [float(x) for x in np.sqrt(var)]
+
+
+def remove_unreferenced_shards(fs: pafs.FileSystem, root: str, keep: Iterable[str]) -> list[str]:
+    """Delete shard folders no manifest points at (left by a killed or older ingest)."""
+    shards = posixpath.join(root, SHARDS_DIR)
+    if not storage.exists(fs, shards):
+        return []
+    keep = set(keep)
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(shards)):
+        if info.type == pafs.FileType.Directory and info.base_name not in keep:
+            fs.delete_dir(info.path)
+            removed.append(info.base_name)
+    return removed
+
+
+def class_counts(labels: np.ndarray, splits: np.ndarray) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        in_split = labels[splits == split]
+        per_class = {name: int((in_split == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+        counts[split] = {**per_class, "total": int(len(in_split))}
+    return counts

@@ -1,0 +1,346 @@
+"""HAM10000 -> Parquet store: layouts, splits, stats, bad input, atomicity, idempotency."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skincluster.cli import main as cli_main
+from skincluster.config import CLASS_NAMES, IMAGE_SHAPE
+from skincluster.data import store as store_mod
+from skincluster.data.ham10000 import SourceError
+from skincluster.data.images import ImageDecodeError, decode_image
+from skincluster.data.ingest import IngestError, IngestOptions, ingest
+from skincluster.data.store import StoreError, images_from_column, open_store
+
+from helpers import color_of, jpeg_bytes, make_rows, write_dataverse, write_kaggle
+
+QUIET = dict(log=lambda *_: None)
+
+
+def _ingest(src, dest, **opts):
+    return ingest(str(src), str(dest), IngestOptions(workers=1, **opts), **QUIET)
+
+
+def _all_rows(store):
+    return {s: store.read_split(s).to_pandas() for s in ("train", "val", "test")}
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def test_decode_resizes_to_store_shape_and_converts_modes():
+    for mode, fmt in [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG")]:
+        data = jpeg_bytes((200, 120, 90), size=(600, 450), mode=mode, fmt=fmt)
+        pixels = decode_image(data)
+        assert pixels.shape == IMAGE_SHAPE and pixels.dtype == np.uint8, (mode, fmt)
+
+
+def test_decode_keeps_colour():
+    pixels = decode_image(jpeg_bytes((200, 60, 30), size=(600, 450)))
+    mean = pixels.reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(mean, (200, 60, 30), atol=6)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", os.urandom(2048), jpeg_bytes((1, 2, 3), size=(600, 450))[:1500]],
+    ids=["zero-bytes", "random-bytes", "truncated-jpeg"],
+)
+def test_decode_rejects_bad_bytes(data):
+    with pytest.raises(ImageDecodeError):
+        decode_image(data)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def good_source(tmp_path_factory):
+    return write_kaggle(tmp_path_factory.mktemp("kaggle"), make_rows())
+
+
+@pytest.fixture(scope="module")
+def good_store(good_source, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("store") / "s"
+    result = _ingest(good_source, dest)
+    return result, open_store(str(dest))
+
+
+def test_store_counts_and_manifest(good_store):
+    result, store = good_store
+    rows = make_rows()
+    m = store.manifest
+    assert m["schema_version"] == store_mod.SCHEMA_VERSION
+    assert m["classes"] == list(CLASS_NAMES)
+    assert m["rows"] == {"in": len(rows), "written": len(rows), "quarantined": 0, "dropped_by_cleaning": 0}
+    assert sum(m["counts"][s]["total"] for s in ("train", "val", "test")) == len(rows)
+    assert m["quarantine"] == [] and m["orphans"] == []
+    assert m["source_checksums"]["metadata"]["md5"]
+    assert set(m["source_checksums"]["containers"]) == {"HAM10000_images_part_1", "HAM10000_images_part_2"}
+    for split in ("train", "val", "test"):
+        for name in CLASS_NAMES:  # six lesions per class: every class in every split
+            assert m["counts"][split][name] > 0, (split, name)
+
+
+def test_no_lesion_in_two_splits(good_store):
+    _, store = good_store
+    frames = _all_rows(store)
+    lesions = {s: set(f["lesion_id"]) for s, f in frames.items()}
+    assert not lesions["train"] & lesions["test"]
+    assert not lesions["train"] & lesions["val"]
+    assert not lesions["val"] & lesions["test"]
+
+
+def test_stats_come_from_train_only(good_store):
+    _, store = good_store
+    train = images_from_column(store.read_split("train", ["image"]).column("image"))
+    everything = np.concatenate(
+        [images_from_column(store.read_split(s, ["image"]).column("image")) for s in ("train", "val", "test")]
+    )
+    flat = train.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(store.channel_mean, flat.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(store.channel_std, flat.std(axis=0), rtol=1e-9)
+    assert not np.allclose(store.channel_mean, everything.reshape(-1, 3).mean(axis=0), rtol=1e-6)
+
+
+def test_images_roundtrip_and_reader_is_zero_copy(good_store, good_source):
+    _, store = good_store
+    table = store_mod.pq.read_table(store.split_files("train")[0], filesystem=store.fs)
+    column = table.column("image")
+    images = images_from_column(column)
+    assert images.shape[1:] == IMAGE_SHAPE
+    if column.num_chunks == 1:
+        assert not images.flags.owndata  # a view of the Arrow buffer, not a copy
+    image_id = table.column("image_id")[0].as_py()
+    folder = next(Path(good_source).glob(f"*/{image_id}.jpg"))
+    np.testing.assert_array_equal(images[0], decode_image(folder.read_bytes()))
+    labels = table.column("label").to_numpy()
+    assert [CLASS_NAMES[i] for i in labels] == table.column("dx").to_pylist()
+
+
+def test_rerun_is_idempotent(good_source, good_store):
+    result, store = good_store
+    before = {p: os.path.getmtime(p) for p in Path(store.path).rglob("*") if p.is_file()}
+    again = _ingest(good_source, store.path)
+    assert again.written is False
+    after = {p: os.path.getmtime(p) for p in Path(store.path).rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_same_seed_same_split_other_seed_differs(good_source, tmp_path):
+    a = _ingest(good_source, tmp_path / "a", seed=0).manifest
+    b = _ingest(good_source, tmp_path / "b", seed=0).manifest
+    c = _ingest(good_source, tmp_path / "c", seed=1).manifest
+    split_of = lambda d: {  # noqa: E731
+        r: s for s in ("train", "val", "test") for r in open_store(str(d)).read_split(s, ["image_id"]).column(0).to_pylist()
+    }
+    assert a["fingerprint"] == b["fingerprint"]
+    assert split_of(tmp_path / "a") == split_of(tmp_path / "b")
+    assert split_of(tmp_path / "a") != split_of(tmp_path / "c")
+    assert c["fingerprint"] != a["fingerprint"]
+
+
+def test_dataverse_zips_read_without_extracting(tmp_path, good_store):
+    rows = make_rows()
+    src = write_dataverse(tmp_path / "dv", rows)
+    result = _ingest(src, tmp_path / "store")
+    assert result.manifest["rows"]["written"] == len(rows)
+    assert not list(src.glob("*.jpg"))  # nothing was extracted
+    # Same images and split as from the Kaggle folders: the content is what counts.
+    _, kaggle_store = good_store
+    dv_store = open_store(str(tmp_path / "store"))
+    for split in ("train", "test"):
+        a = kaggle_store.read_split(split).sort_by("image_id")
+        b = dv_store.read_split(split).sort_by("image_id")
+        assert a.column("image_id").equals(b.column("image_id"))
+        assert a.column("image").equals(b.column("image"))
+
+
+def test_parallel_decoding_matches_single_process(tmp_path):
+    rows = make_rows(n_lesions_per_class=12)
+    src = write_kaggle(tmp_path / "src", rows)
+    one = ingest(str(src), str(tmp_path / "one"), IngestOptions(workers=1), **QUIET)
+    two = ingest(str(src), str(tmp_path / "two"), IngestOptions(workers=2), **QUIET)
+    assert one.manifest["fingerprint"] == two.manifest["fingerprint"]
+    a = open_store(str(tmp_path / "one")).read_split("train").sort_by("image_id")
+    b = open_store(str(tmp_path / "two")).read_split("train").sort_by("image_id")
+    assert a.column("image").equals(b.column("image"))
+
+
+def test_image_split_is_leaky_and_says_so(good_source, tmp_path):
+    messages = []
+    result = ingest(str(good_source), str(tmp_path / "s"), IngestOptions(workers=1, split="image"), log=messages.append)
+    assert result.manifest["options"]["leaky_split"] is True
+    assert any("LEAKY" in m for m in messages)
+    frames = _all_rows(open_store(str(tmp_path / "s")))
+    assert set(frames["train"]["lesion_id"]) & set(frames["test"]["lesion_id"])
+
+
+def test_clean_study_drops_rows_and_accounts_for_them(tmp_path):
+    rows = make_rows()
+    rows[0]["age"] = ""
+    rows[1]["age"] = "0.0"
+    rows[2]["sex"] = "unknown"
+    rows[3]["localization"] = "unknown"
+    rows[4]["age"] = ""  # kept by default as a null
+    src = write_kaggle(tmp_path / "src", rows)
+    kept = _ingest(src, tmp_path / "all").manifest
+    assert kept["rows"]["written"] == len(rows)
+    cleaned = _ingest(src, tmp_path / "clean", clean="study").manifest
+    assert cleaned["rows"]["dropped_by_cleaning"] == 5
+    assert cleaned["rows"]["written"] == len(rows) - 5
+    ages = open_store(str(tmp_path / "all")).read_split("train", ["age"]).column("age")
+    assert ages.null_count + sum(
+        open_store(str(tmp_path / "all")).read_split(s, ["age"]).column("age").null_count for s in ("val", "test")
+    ) == 2
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bad_source(tmp_path_factory):
+    """Every kind of bad input at once, beside valid unusual images."""
+    rows = make_rows()
+    images = {r["image_id"]: jpeg_bytes(color_of(r["dx"]), seed=i) for i, r in enumerate(rows)}
+    # valid though unusual: grayscale, CMYK, and a PNG named .jpg
+    images[rows[0]["image_id"]] = jpeg_bytes((120, 120, 120), mode="L")
+    images[rows[1]["image_id"]] = jpeg_bytes((200, 100, 50), mode="CMYK")
+    images[rows[2]["image_id"]] = jpeg_bytes((10, 200, 10), fmt="PNG")
+    # broken
+    images[rows[3]["image_id"]] = jpeg_bytes((1, 2, 3), size=(600, 450))[:2000]
+    images[rows[4]["image_id"]] = b""
+    images[rows[5]["image_id"]] = os.urandom(5000)
+    del images[rows[6]["image_id"]]
+    rows[7]["dx"] = "melanoma?"
+    rows.append(dict(rows[8]))  # duplicate image_id
+    images["ISIC_9999999"] = jpeg_bytes((5, 5, 5))  # orphan: no metadata row
+    return write_kaggle(tmp_path_factory.mktemp("bad"), rows, images), rows
+
+
+@pytest.fixture(scope="module")
+def bad_result(bad_source, tmp_path_factory):
+    src, _ = bad_source
+    return _ingest(src, tmp_path_factory.mktemp("badstore") / "s")
+
+
+def test_unusual_but_valid_images_are_ingested(bad_result, bad_source):
+    _, rows = bad_source
+    ids = {q["image_id"] for q in bad_result.quarantine}
+    for row in rows[:3]:
+        assert row["image_id"] not in ids
+
+
+@pytest.mark.parametrize(
+    "index,reason",
+    [
+        (3, "corrupt or truncated"),
+        (4, "empty file"),
+        (5, "not a readable image"),
+        (6, "image file not found"),
+        (7, "unknown dx 'melanoma?'"),
+        (-1, "duplicate image_id"),
+    ],
+    ids=["truncated", "zero-byte", "random-bytes", "missing-image", "unknown-dx", "duplicate-id"],
+)
+def test_bad_rows_are_quarantined_with_reason(bad_result, bad_source, index, reason):
+    _, rows = bad_source
+    row_number = (index if index >= 0 else len(rows) - 1) + 2
+    entry = next(q for q in bad_result.quarantine if q["row"] == row_number)
+    assert reason in entry["reason"]
+    assert entry["image_id"] == rows[index]["image_id"]
+    if reason in ("corrupt or truncated", "empty file", "not a readable image"):
+        assert f"{rows[index]['image_id']}.jpg" in entry["reason"]  # names the file
+
+
+def test_bad_input_accounting_and_orphans(bad_result, bad_source):
+    _, rows = bad_source
+    m = bad_result.manifest
+    assert m["rows"]["in"] == len(rows)
+    assert m["rows"]["quarantined"] == 6
+    assert m["rows"]["written"] + m["rows"]["quarantined"] == m["rows"]["in"]
+    assert m["quarantine"] == bad_result.quarantine
+    assert m["orphans"] == ["ISIC_9999999"]
+
+
+def test_strict_exits_nonzero_and_writes_nothing(bad_source, tmp_path):
+    src, _ = bad_source
+    with pytest.raises(IngestError):
+        ingest(str(src), str(tmp_path / "s"), IngestOptions(workers=1, strict=True), **QUIET)
+    assert not (tmp_path / "s").exists()
+    assert cli_main(["ingest", "--strict", "--workers", "1", str(src), str(tmp_path / "s")]) != 0
+
+
+def test_missing_required_column_stops_before_writing(tmp_path, capsys):
+    rows = make_rows()
+    header = ["lesion_id", "image_id", "dx_type", "age", "sex", "localization"]  # no dx
+    src = write_kaggle(tmp_path / "src", rows, header=header)
+    with pytest.raises(SourceError, match=r"HAM10000_metadata.csv: missing required column\(s\) dx"):
+        _ingest(src, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    assert cli_main(["ingest", str(src), str(tmp_path / "s")]) == 2
+    assert "missing required column" in capsys.readouterr().err
+
+
+def test_source_without_metadata_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no HAM10000_metadata"):
+        _ingest(tmp_path / "empty", tmp_path / "s")
+
+
+# --------------------------------------------------------------------------- atomicity
+
+
+def test_killed_ingest_keeps_the_previous_store(good_source, tmp_path, monkeypatch):
+    dest = tmp_path / "s"
+    first = _ingest(good_source, dest, seed=0)
+    old_files = sorted(p.name for p in dest.rglob("*.parquet"))
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the manifest")
+
+    monkeypatch.setattr("skincluster.storage.write_json_atomic", die)
+    with pytest.raises(KeyboardInterrupt):
+        _ingest(good_source, dest, seed=1)
+    monkeypatch.undo()
+
+    store = open_store(str(dest))  # still the complete first store
+    assert store.manifest["fingerprint"] == first.manifest["fingerprint"]
+    for f in store.manifest["files"]:
+        assert (dest / f["path"]).exists()
+    assert sorted(p.name for p in (dest / "shards" / first.manifest["ingest_id"]).glob("*.parquet")) == old_files
+
+    # The re-run completes and removes the orphaned shard folder of the killed run.
+    done = _ingest(good_source, dest, seed=1)
+    assert [p.name for p in (dest / "shards").iterdir()] == [done.manifest["ingest_id"]]
+
+
+def test_half_written_store_is_not_a_store(good_source, tmp_path, monkeypatch):
+    dest = tmp_path / "s"
+    calls = {"n": 0}
+    real = store_mod.write_shards
+
+    def die_after_first(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt("killed mid-write")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store_mod, "write_shards", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        _ingest(good_source, dest)
+    with pytest.raises(StoreError, match="an ingest did not finish"):
+        open_store(str(dest))
+
+
+def test_manifest_is_plain_json(good_store):
+    _, store = good_store
+    text = (Path(store.path) / "manifest.json").read_text()
+    assert json.loads(text)["quarantine"] == []
