@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from skincluster.config import PROFILES
+
 
 
 def _add_ingest(sub) -> None:
@@ -70,6 +72,79 @@ def _run_demo_data(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one architecture (Ray Train run, or --local in this process)",
+        description="Train one registered architecture on a store; evaluate it on the lesion-grouped test split.",
+    )
+    p.add_argument("model", help="architecture name (see `skincluster models`)")
+    p.add_argument("--data", required=True, help="store folder or URI (from `skincluster ingest`)")
+    p.add_argument("--storage", default="runs", help="folder or URI for run folders (default ./runs)")
+    p.add_argument("--name", default=None, help="run name (default MODEL-PROFILE); the same name resumes")
+    p.add_argument("--profile", choices=tuple(PROFILES), default="full",
+                   help="smoke: seconds on a CPU; cpu: sized for CPUs; full: the study's epochs (default)")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (debug mode)")
+    p.add_argument("--limit", type=int, default=None, help="train on N images (val/test shrink in proportion)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--max-failures", type=int, default=2, help="worker restarts allowed (default 2)")
+    _add_recipe_options(p)
+    p.set_defaults(func=_run_train)
+
+
+def _add_recipe_options(p) -> None:
+    p.add_argument("--config", default=None, help="JSON file of recipe overrides, e.g. {\"epochs\": 20}")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one recipe field, e.g. --set learning_rate=3e-4 --set augmentation.zoom=0.2 "
+                        "--set weights=/path/mobilenet.h5 (repeatable; applied after --config)")
+
+
+def _recipe_overrides(args) -> dict:
+    from skincluster.config import load_overrides, parse_assignments
+
+    overrides = load_overrides(args.config) if args.config else {}
+    overrides.update(parse_assignments(args.set))
+    return overrides
+
+
+def _run_train(args) -> int:
+    from skincluster.config import Scaling
+    from skincluster.train.evaluate import format_summary
+    from skincluster.train.launch import resolve_run, run_local, run_ray
+
+    scaling = Scaling(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                      cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+    run = resolve_run(args.model, args.data, storage_dir=args.storage, name=args.name, profile=args.profile,
+                      overrides=_recipe_overrides(args), limit=args.limit, seed=args.seed, scaling=scaling)
+    if args.local and args.workers != 1:
+        raise ValueError("--local runs one worker in this process; drop --workers or --local")
+    result = run_local(run) if args.local else run_ray(run)
+    if result.reused:
+        print(f"{result.run_dir} already holds this finished run; nothing trained.")
+    print(format_summary(run.model, result.evaluation))
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the registered architectures and their recipes")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args) -> int:
+    from skincluster.models import get_recipe, list_models
+
+    for name in list_models():
+        r = get_recipe(name)
+        print(f"{name:<20} lr {r.learning_rate:g}  epochs {r.epochs}  batch {r.batch_size}  "
+              f"augment {'yes' if r.augmentation.enabled else 'no'}  trainable {r.trainable_layers}  "
+              f"early stop {r.early_stopping_patience}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skincluster",
@@ -78,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_ingest(sub)
     _add_demo_data(sub)
+    _add_train(sub)
+    _add_models(sub)
     return parser
 
 
@@ -86,13 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     from skincluster.data.ham10000 import SourceError
     from skincluster.data.ingest import IngestError
     from skincluster.data.store import StoreError
+    from skincluster.train.launch import ResourceError, RunFailed
 
     try:
         return int(args.func(args) or 0)
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (SourceError, StoreError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (SourceError, StoreError, ResourceError, RunFailed, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

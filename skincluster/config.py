@@ -112,12 +112,23 @@ class Profile:
     max_epochs: int | None
     #: Cap on training images (None: all).
     limit: int | None
-    #: Recipe fields forced by the profile, e.g. a larger batch for CPU.
+    #: Recipe fields forced by the profile for every model, e.g. a larger batch for CPU.
     recipe_overrides: dict[str, Any] = field(default_factory=dict)
+    #: Further recipe fields for one model, applied after `recipe_overrides`.
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def overrides_for(self, model: str) -> dict[str, Any]:
+        return {**self.recipe_overrides, **self.model_overrides.get(model, {})}
 
 
 PROFILES = {
-    "smoke": Profile("smoke", max_epochs=2, limit=96, recipe_overrides={"batch_size": 16}),
+    # Seconds per model on a laptop CPU, no downloads: random-init backbones.
+    "smoke": Profile(
+        "smoke",
+        max_epochs=2,
+        limit=96,
+        recipe_overrides={"batch_size": 16, "weights": None},
+    ),
     "cpu": Profile("cpu", max_epochs=None, limit=None, recipe_overrides={"batch_size": 32}),
     "full": Profile("full", max_epochs=None, limit=None),
 }
@@ -212,3 +223,39 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """Everything one training run needs, resolved; saved as ``config.json`` beside its results."""
+
+    model: str
+    recipe: Recipe
+    data: DataConfig
+    scaling: Scaling = Scaling()
+    profile: str = "full"
+    #: Where the run folder lives (local path or URI) and its name inside it.
+    storage: str = "runs"
+    name: str = "run"
+    #: Filled from the store's manifest by the launcher.
+    class_names: tuple[str, ...] = CLASS_NAMES
+    channel_mean: tuple[float, ...] = (127.5, 127.5, 127.5)
+    channel_std: tuple[float, ...] = (127.5, 127.5, 127.5)
+    train_class_counts: tuple[int, ...] = ()
+    #: Test hook: the worker of this rank exits abruptly once, at the start of this
+    #: epoch (1-based), leaving a marker file so that the retry does not fail again.
+    fail_at_epoch: int | None = None
+    fail_rank: int = 0
+    fail_marker: str | None = None
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "TrainRun":
+        data = dict(data)
+        recipe = dict(data["recipe"])
+        recipe["augmentation"] = Augmentation(**recipe["augmentation"])
+        data["recipe"] = Recipe(**recipe)
+        data["data"] = DataConfig(**data["data"])
+        data["scaling"] = Scaling(**data["scaling"])
+        for key in ("class_names", "channel_mean", "channel_std", "train_class_counts"):
+            data[key] = tuple(data[key])
+        return TrainRun(**data)

@@ -1,0 +1,126 @@
+"""From the store to batches of uint8 images and integer labels.
+
+Two sources feed the same worker code:
+
+* the local reader (debug mode, evaluation): pyarrow reads the split's shards
+  straight into one numpy array (one copy, no per-row Python);
+* Ray Data: the driver builds a dataset per split (`ray_datasets`), Ray Train
+  hands each worker its shard, and `ray_batches` turns Arrow batches into
+  numpy with a zero-copy view of the image buffer.
+
+Images stay uint8 all the way to the device: scaling happens inside the model,
+which also quarters the bytes moved per image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from skincluster.data.store import Store, images_from_column, labels_from_column
+
+TRAINING_COLUMNS = ["image", "label"]
+
+
+def split_limit(store: Store, split: str, limit: int | None) -> int | None:
+    """Rows of `split` to use when training on `limit` images.
+
+    Validation and test shrink in proportion, so a smoke run stays small end to
+    end while every split keeps its share.
+    """
+    if limit is None:
+        return None
+    if limit <= 0:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    if split == "train":
+        return min(limit, store.count("train"))
+    share = store.count(split) / max(store.count("train"), 1)
+    return min(store.count(split), max(1, math.ceil(limit * share)))
+
+
+def read_table(store: Store, split: str, limit: int | None = None, seed: int = 0,
+               columns: list[str] | None = None) -> pa.Table:
+    """One split (or a seeded random subset of `limit` rows of it) as an Arrow table."""
+    table = store.read_split(split, columns)
+    n = split_limit(store, split, limit)
+    if n is not None and n < table.num_rows:
+        rng = np.random.default_rng([seed, ("train", "val", "test").index(split)])
+        table = table.take(np.sort(rng.choice(table.num_rows, size=n, replace=False)))
+    return table
+
+
+def read_arrays(store: Store, split: str, limit: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (n, 100, 125, 3), labels int32 (n,)) of a split."""
+    table = read_table(store, split, limit, seed, TRAINING_COLUMNS).combine_chunks()
+    return images_from_column(table.column("image")), labels_from_column(table.column("label"))
+
+
+def array_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches from in-memory arrays, in a fresh seeded order when `shuffle_seed` is set."""
+    order = np.random.default_rng(shuffle_seed).permutation(len(labels)) if shuffle_seed is not None else None
+    n_batches = len(labels) // batch_size if drop_last else math.ceil(len(labels) / batch_size)
+    for b in range(n_batches):
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        if order is None:
+            yield images[sl], labels[sl]
+        else:
+            idx = np.sort(order[sl])  # sorted gathers are kinder to the cache
+            yield images[idx], labels[idx]
+
+
+def ray_datasets(store: Store, splits: tuple[str, ...], limit: int | None, seed: int, materialize: bool = True):
+    """Ray Datasets of image+label per split, read once into the object store.
+
+    Re-reading Parquet every epoch measured ~1,700 images/s here; a
+    materialized dataset serves later epochs from memory at 68k-97k images/s.
+    HAM10000 at 125x100 is ~375 MB, well within a node's object store.
+    Read tasks ask for a quarter CPU so that data never waits behind training
+    workers that hold whole CPUs.
+    """
+    import ray.data
+
+    out = {}
+    for split in splits:
+        if limit is None:
+            ds = ray.data.read_parquet(
+                store.split_uris(split),
+                columns=TRAINING_COLUMNS,
+                filesystem=None if _is_local(store) else store.fs,
+                ray_remote_args={"num_cpus": 0.25},
+            )
+        else:
+            ds = ray.data.from_arrow(read_table(store, split, limit, seed, TRAINING_COLUMNS))
+        out[split] = ds.materialize() if materialize else ds
+    return out
+
+
+def _is_local(store: Store) -> bool:
+    return store.fs.type_name == "local"
+
+
+def ray_batches(
+    shard,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Numpy batches from a Ray Train dataset shard (`ray.train.get_dataset_shard`)."""
+    kwargs = {}
+    if shuffle_seed is not None:
+        # A per-worker shuffle buffer: a global shuffle every epoch would move all data.
+        kwargs = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": shuffle_seed}
+    for batch in shard.iter_batches(
+        batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4, drop_last=drop_last, **kwargs
+    ):
+        yield images_from_column(batch.column("image")), labels_from_column(batch.column("label"))

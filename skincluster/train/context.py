@@ -1,0 +1,118 @@
+"""Where the worker gets its data and sends its reports: Ray Train, or this process.
+
+The worker loop (`worker.run_worker`) only talks to a `RunContext`, which is
+what lets the very same loop run under Ray Train and in local debug mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from skincluster.data import pipeline
+from skincluster.data.store import open_store
+
+Batches = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+class RunContext(Protocol):
+    world_rank: int
+    world_size: int
+
+    def batches(self, split: str, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> Batches: ...
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...
+
+
+class RayContext:
+    """Inside a Ray Train worker: dataset shards, ray.train.report, ray.train.get_checkpoint."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.world_rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+
+    def batches(self, split: str, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> Batches:
+        shard = self._train.get_dataset_shard(split)
+        return pipeline.ray_batches(shard, batch_size, shuffle_seed=shuffle_seed, drop_last=drop_last)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+        else:
+            with checkpoint.as_directory() as path:
+                yield path
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        epoch = metrics.get("epoch", 0)
+        self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}" if checkpoint else None)
+
+
+class LocalContext:
+    """This process, no Ray: the store read with pyarrow, checkpoints in the run folder.
+
+    Checkpoints are copied to ``<run>/checkpoints/epoch_NNNN`` through a
+    temporary name, and the two newest are kept, as the Ray run does.
+    """
+
+    world_rank = 0
+    world_size = 1
+    keep_checkpoints = 2
+
+    def __init__(self, run_dir: str, store_uri: str, limit: int | None, seed: int) -> None:
+        self.run_dir = run_dir
+        self.checkpoints = os.path.join(run_dir, "checkpoints")
+        os.makedirs(self.checkpoints, exist_ok=True)
+        store = open_store(store_uri)
+        self._arrays = {s: pipeline.read_arrays(store, s, limit, seed) for s in ("train", "val")}
+        self.reports: list[dict[str, Any]] = []
+
+    def batches(self, split: str, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> Batches:
+        images, labels = self._arrays[split]
+        return pipeline.array_batches(images, labels, batch_size, shuffle_seed=shuffle_seed, drop_last=drop_last)
+
+    def _checkpoint_dirs(self) -> list[str]:
+        names = sorted(n for n in os.listdir(self.checkpoints) if n.startswith("epoch_") and ".tmp" not in n)
+        return [os.path.join(self.checkpoints, n) for n in names]
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        dirs = self._checkpoint_dirs()
+        yield dirs[-1] if dirs else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if checkpoint_dir:
+            final = os.path.join(self.checkpoints, f"epoch_{metrics['epoch']:04d}")
+            tmp = final + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self._checkpoint_dirs()[: -self.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="skincluster-ckpt-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

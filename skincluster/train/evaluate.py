@@ -1,0 +1,49 @@
+"""Honest evaluation of a finished run on the lesion-grouped test split (and val)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from skincluster.data import pipeline
+from skincluster.data.store import Store
+from skincluster.train.metrics import evaluate_predictions
+
+EVAL_BATCH = 64
+
+
+def predict_split(model, store: Store, split: str, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, class probabilities) of every image of `split`, in batches."""
+    images, labels = pipeline.read_arrays(store, split, limit, seed)
+    probabilities = [
+        np.asarray(model(batch, training=False), dtype=np.float64)
+        for batch, _ in pipeline.array_batches(images, labels, EVAL_BATCH)
+    ]
+    probs = np.concatenate(probabilities) if probabilities else np.zeros((0, len(store.class_names)))
+    return labels, probs
+
+
+def evaluate_model(model, store: Store, limit: int | None, seed: int) -> dict[str, Any]:
+    """Test metrics at the top level (``balanced_accuracy``, ``melanoma_recall``, ...), val under ``val``."""
+    labels, probs = predict_split(model, store, "test", limit, seed)
+    result = evaluate_predictions(labels, probs, store.class_names)
+    val_labels, val_probs = predict_split(model, store, "val", limit, seed)
+    result["val"] = evaluate_predictions(val_labels, val_probs, store.class_names)
+    result["split"] = "test"
+    result["leaky_split"] = bool(store.manifest["options"].get("leaky_split", False))
+    return result
+
+
+def format_summary(name: str, evaluation: dict[str, Any]) -> str:
+    """A few lines for the console; melanoma recall is called out on its own line."""
+    e = evaluation
+    lines = [
+        f"{name}: test accuracy {e['accuracy']:.3f}  balanced accuracy {e['balanced_accuracy']:.3f}  "
+        f"macro-F1 {e['macro_f1']:.3f}  ROC AUC {e['roc_auc_ovr']:.3f}  (n={e['n']})",
+        f"{name}: MELANOMA RECALL {e['melanoma_recall']:.3f}  "
+        f"(val balanced accuracy {e['val']['balanced_accuracy']:.3f})",
+    ]
+    if e.get("leaky_split"):
+        lines.append(f"{name}: WARNING these numbers come from the leaky image-level split")
+    return "\n".join(lines)

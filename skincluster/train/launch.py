@@ -1,0 +1,239 @@
+"""Launch one training run: resolve its config, then run it locally or as a Ray Train run.
+
+Driver-side code only; the per-worker loop is in `worker.py`. A run's folder
+``<storage>/<name>/`` ends up holding ``config.json``, ``history.json``,
+``model.keras`` and ``evaluation.json``, whichever way it ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import skincluster
+from skincluster import storage
+from skincluster.config import PROFILES, DataConfig, Scaling, TrainRun, replace_fields
+from skincluster.data.store import Store, open_store
+
+#: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
+DATA_CPU_RESERVE = 0.5
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+EVALUATION_FILE = "evaluation.json"
+MODEL_FILE = "model.keras"
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot fit the requested workers plus Ray Data."""
+
+
+class RunFailed(RuntimeError):
+    """Training failed more often than FailureConfig allows."""
+
+
+def resolve_run(
+    model: str,
+    store_uri: str,
+    *,
+    storage_dir: str = "runs",
+    name: str | None = None,
+    profile: str = "full",
+    overrides: dict[str, Any] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    scaling: Scaling = Scaling(),
+    store: Store | None = None,
+) -> TrainRun:
+    """The fully resolved run: registry recipe, then profile, then user overrides."""
+    from skincluster.models import get_recipe
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: expected one of {', '.join(PROFILES)}")
+    prof = PROFILES[profile]
+    store = store or open_store(store_uri)
+    recipe = get_recipe(model)
+    recipe = replace_fields(recipe, prof.overrides_for(model))
+    if prof.max_epochs is not None and recipe.epochs > prof.max_epochs:
+        recipe = dataclasses.replace(recipe, epochs=prof.max_epochs)
+    recipe = replace_fields(recipe, overrides or {})
+    limit = limit if limit is not None else prof.limit
+    counts = store.manifest["counts"]["train"]
+    return TrainRun(
+        model=model,
+        recipe=recipe,
+        data=DataConfig(store=store_uri, limit=limit, seed=seed),
+        scaling=scaling,
+        profile=profile,
+        storage=storage_dir,
+        name=name or f"{model}-{profile}",
+        class_names=tuple(store.class_names),
+        channel_mean=tuple(store.channel_mean),
+        channel_std=tuple(store.channel_std),
+        train_class_counts=tuple(int(counts[c]) for c in store.class_names),
+    )
+
+
+@dataclass
+class RunResult:
+    run: TrainRun
+    run_dir: str
+    history: list[dict[str, Any]]
+    evaluation: dict[str, Any]
+    #: True when the run folder already held a finished run and nothing was trained.
+    reused: bool = False
+
+
+def run_dir_of(run: TrainRun) -> str:
+    return storage.join(run.storage, run.name)
+
+
+def finished_result(run: TrainRun) -> RunResult | None:
+    """The stored result if this exact run already finished, else None."""
+    fs, path = storage.resolve(run_dir_of(run))
+    files = [f"{path}/{n}" for n in (CONFIG_FILE, HISTORY_FILE, EVALUATION_FILE, MODEL_FILE)]
+    if not all(storage.exists(fs, f) for f in files):
+        return None
+    if storage.read_json(fs, files[0]) != json.loads(json.dumps(dataclasses.asdict(run))):
+        raise ValueError(
+            f"{run_dir_of(run)} holds a finished run with a different config; use another --name or --storage"
+        )
+    return RunResult(run, run_dir_of(run), storage.read_json(fs, files[1]), storage.read_json(fs, files[2]), True)
+
+
+def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
+    """Run the worker loop in this process, without Ray (debug mode: breakpoints work)."""
+    from skincluster.train.context import LocalContext
+    from skincluster.train.worker import FINAL_MODEL, run_worker
+
+    done = finished_result(run)
+    if done:
+        return done
+    run_dir = run_dir_of(run)
+    if storage.is_uri(run_dir):
+        # Checkpoints need a local folder; results are copied to the URI at the end.
+        work_dir = os.path.join(tempfile.gettempdir(), "skincluster-local", run.name)
+    else:
+        work_dir = run_dir
+    os.makedirs(work_dir, exist_ok=True)
+    _write_config(run)
+    ctx = LocalContext(work_dir, run.data.store, run.data.limit, run.data.seed)
+    history = run_worker(run, ctx, verbose=verbose)
+    with ctx.latest_checkpoint() as checkpoint:
+        return _finish(run, history, os.path.join(checkpoint, FINAL_MODEL))
+
+
+def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose: bool = True) -> RunResult:
+    """Run as a Ray Train run (TensorflowTrainer); resumes if `name` already has checkpoints."""
+    import ray
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from skincluster.data.pipeline import ray_datasets
+    from skincluster.train.worker import FINAL_MODEL, STATE_FILE, train_loop_per_worker
+
+    done = finished_result(run)
+    if done:
+        return done
+    ensure_ray()
+    check_resources(run.scaling)
+    _write_config(run)
+    store = open_store(run.data.store)
+    datasets = ray_datasets(store, ("train", "val"), run.data.limit, run.data.seed)
+    scaling = run.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.gpus_per_worker:
+        resources["GPU"] = scaling.gpus_per_worker
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=dataclasses.asdict(run),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run.name,
+            storage_path=_ray_storage_path(run.storage),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=run_config_callbacks or [],
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RunFailed(f"{run.name}: training failed after {scaling.max_failures} retries: {result.error}")
+    if result.checkpoint is None:
+        raise RunFailed(f"{run.name}: training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as fh:
+            history = json.load(fh)["history"]
+        return _finish(run, history, os.path.join(folder, FINAL_MODEL))
+
+
+def _ray_storage_path(path: str) -> str:
+    return path if storage.is_uri(path) else os.path.abspath(path)
+
+
+def ensure_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (or `ray start`), else start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env=skincluster.RAY_RUNTIME_ENV, log_to_driver=True)
+
+
+def check_resources(scaling: Scaling, available: dict[str, float] | None = None) -> None:
+    """Refuse, with the numbers, a request that would leave Ray Data without CPU.
+
+    Ray schedules by logical CPUs: if the training workers take all of them,
+    Ray Data's tasks never start and the run waits for ever (seen with
+    ``ray.init(num_cpus=2)`` and two 1-CPU workers).
+    """
+    if available is None:
+        import ray
+
+        available = ray.cluster_resources()
+    cpus = float(available.get("CPU", 0))
+    gpus = float(available.get("GPU", 0))
+    need_cpu = scaling.workers * scaling.cpus_per_worker + DATA_CPU_RESERVE
+    need_gpu = scaling.workers * scaling.gpus_per_worker
+    problems = []
+    if need_cpu > cpus + 1e-9:
+        fit = max((cpus - DATA_CPU_RESERVE) / scaling.workers, 0)
+        problems.append(
+            f"{scaling.workers} worker(s) x {scaling.cpus_per_worker} CPU + {DATA_CPU_RESERVE} CPU for Ray Data "
+            f"= {need_cpu:g} CPUs, but the cluster has {cpus:g}; use --cpus-per-worker {fit:.2g} or fewer workers"
+        )
+    if need_gpu > gpus + 1e-9:
+        problems.append(f"{scaling.workers} worker(s) x {scaling.gpus_per_worker} GPU = {need_gpu:g} GPUs, cluster has {gpus:g}")
+    if problems:
+        raise ResourceError("the cluster cannot fit this run: " + "; ".join(problems))
+
+
+def _write_config(run: TrainRun) -> None:
+    fs, path = storage.resolve(run_dir_of(run))
+    fs.create_dir(path, recursive=True)
+    storage.write_json_atomic(fs, f"{path}/{CONFIG_FILE}", dataclasses.asdict(run))
+
+
+def _finish(run: TrainRun, history: list[dict[str, Any]], model_path: str) -> RunResult:
+    """Evaluate the final model on the test split; write model, history, evaluation."""
+    import tf_keras as keras
+
+    from skincluster.train.evaluate import evaluate_model
+
+    model = keras.models.load_model(model_path, compile=False)
+    store = open_store(run.data.store)
+    evaluation = evaluate_model(model, store, run.data.limit, run.data.seed)
+    evaluation.update(model=run.model, epochs_run=len(history), epoch_budget=run.recipe.epochs)
+    fs, path = storage.resolve(run_dir_of(run))
+    with open(model_path, "rb") as fh:
+        storage.write_bytes_atomic(fs, f"{path}/{MODEL_FILE}", fh.read())
+    storage.write_json_atomic(fs, f"{path}/{HISTORY_FILE}", history)
+    # Written last: its presence marks the run as finished.
+    storage.write_json_atomic(fs, f"{path}/{EVALUATION_FILE}", evaluation)
+    return RunResult(run, run_dir_of(run), history, evaluation)
+

@@ -1,0 +1,218 @@
+"""The per-worker training loop, shared by Ray Train workers and local debug mode.
+
+Every epoch every worker reports the same metrics (a barrier in Ray Train);
+rank 0 attaches a checkpoint holding the model and optimizer state, the
+epoch, the learning history and the state of the LR-plateau and
+early-stopping callbacks. A restarted worker continues from the newest
+checkpoint, so a preempted node costs at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from skincluster.config import IMAGE_SHAPE, TrainRun
+from skincluster.train.context import RunContext, scratch_dir
+
+FINAL_MODEL = "model.keras"
+STATE_FILE = "state.json"
+WEIGHTS_PREFIX = "tf_ckpt"
+BEST_WEIGHTS = "best_weights.npz"
+#: Callback attributes that must survive a restart for LR plateau and early
+#: stopping to behave as if training had never stopped.
+RESUMABLE_ATTRIBUTES = ("wait", "best", "cooldown_counter", "best_epoch", "stopped_epoch")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (`TensorflowTrainer(train_loop_per_worker=...)`)."""
+    from skincluster.train.context import RayContext
+
+    run_worker(TrainRun.from_dict(config), RayContext())
+
+
+def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[str, Any]]:
+    """Train `run` to its epoch budget (or early stop); return the per-epoch history."""
+    from skincluster.models import compile_model, create_model, set_precision
+    from skincluster.models.training import build_callbacks, class_weights
+    from skincluster.train.strategy import choose_strategy
+
+    strategy = choose_strategy(ctx.world_size)
+    set_precision(run.recipe)
+    keras.utils.set_random_seed(run.data.seed)
+    num_classes = len(run.class_names)
+    with strategy.scope():
+        model = create_model(
+            run.model,
+            num_classes=num_classes,
+            recipe=run.recipe,
+            channel_mean=run.channel_mean,
+            channel_std=run.channel_std,
+        )
+        compile_model(model, run.recipe, num_classes)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    callbacks = build_callbacks(run.recipe)
+
+    state: dict[str, Any] = {"epoch": 0, "history": [], "callbacks": {}, "finished": False, "restarts": 0}
+    best_weights = None
+    with ctx.latest_checkpoint() as path:
+        if path:
+            state = _read_state(path)
+            state["restarts"] += 1
+            checkpoint.read(os.path.join(path, WEIGHTS_PREFIX)).expect_partial()
+            if os.path.exists(os.path.join(path, BEST_WEIGHTS)):
+                with np.load(os.path.join(path, BEST_WEIGHTS)) as npz:
+                    best_weights = [npz[f"w{i}"] for i in range(len(npz.files))]
+    if state["finished"]:
+        return state["history"]
+
+    replicas = strategy.num_replicas_in_sync
+    # tf.distribute treats a dataset's batch as the global batch and splits it
+    # across replicas, so every worker feeds batches of per-replica x replicas.
+    global_batch = run.recipe.batch_size * replicas
+    epoch_box = {"epoch": state["epoch"]}
+
+    def dataset(split: str, train: bool) -> tf.data.Dataset:
+        def generate():
+            seed = run.data.seed * 100_003 + epoch_box["epoch"] if train else None
+            yield from ctx.batches(split, global_batch, shuffle_seed=seed, drop_last=train)
+
+        ds = tf.data.Dataset.from_generator(
+            generate,
+            output_signature=(
+                tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
+                tf.TensorSpec((None,), tf.int32),
+            ),
+        )
+        options = tf.data.Options()
+        # Ray Data already gave each worker its own shard.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    reporter = EpochReporter(run, ctx, model, checkpoint, callbacks, state, best_weights, epoch_box, global_batch)
+    weights = None
+    if run.recipe.class_weight == "balanced" and run.train_class_counts:
+        counts = np.asarray(run.train_class_counts)
+        weights = class_weights(np.repeat(np.arange(num_classes), counts), num_classes, "balanced")
+    epochs = run.recipe.epochs
+    model.fit(
+        dataset("train", train=True),
+        validation_data=dataset("val", train=False),
+        epochs=epochs,
+        initial_epoch=state["epoch"],
+        callbacks=[*callbacks, reporter],
+        class_weight=weights,
+        verbose=verbose,
+    )
+    return reporter.state["history"]
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """Keras callback: after each epoch, checkpoint (rank 0 keeps it) and report.
+
+    Runs after the LR-plateau and early-stopping callbacks, so it sees their
+    decision for this epoch. On the last epoch, or when early stopping fires,
+    it restores the best weights and adds the final ``model.keras`` to the
+    checkpoint, so the run's result is in its newest checkpoint.
+    """
+
+    def __init__(self, run, ctx, model, checkpoint, callbacks, state, best_weights, epoch_box, global_batch):
+        super().__init__()
+        self.run = run
+        self.ctx = ctx
+        self.checkpoint = checkpoint
+        self.callbacks = callbacks
+        self.state = state
+        self.best_weights = best_weights
+        self.epoch_box = epoch_box
+        self.global_batch = global_batch
+        self._epoch_start = 0.0
+        self._steps = 0
+
+    def _early_stopping(self):
+        return next((c for c in self.callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
+
+    def on_train_begin(self, logs=None):
+        # The other callbacks reset themselves in their own on_train_begin,
+        # which ran before this one: put back what the checkpoint remembered.
+        for cb in self.callbacks:
+            saved = self.state["callbacks"].get(type(cb).__name__, {})
+            for name, value in saved.items():
+                setattr(cb, name, value)
+        stopper = self._early_stopping()
+        if stopper is not None and self.best_weights is not None:
+            stopper.best_weights = self.best_weights
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_box["epoch"] = epoch
+        self._epoch_start = time.perf_counter()
+        self._steps = 0
+        run = self.run
+        if run.fail_at_epoch is not None and epoch + 1 == run.fail_at_epoch and self.ctx.world_rank == run.fail_rank:
+            if run.fail_marker and not os.path.exists(run.fail_marker):
+                with open(run.fail_marker, "w") as fh:
+                    fh.write(f"worker rank {self.ctx.world_rank} killed at the start of epoch {epoch + 1}\n")
+                os._exit(17)  # an abrupt death, as a preempted node: no cleanup, no exception
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._epoch_start
+        images = self._steps * self.global_batch
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics.update(
+            epoch=epoch + 1,
+            epoch_budget=self.run.recipe.epochs,
+            lr=float(np.asarray(self.model.optimizer.learning_rate)),
+            epoch_seconds=seconds,
+            images_per_second=images / max(seconds, 1e-9),
+            steps=self._steps,
+        )
+        stopper = self._early_stopping()
+        final = bool(self.model.stop_training) or epoch + 1 >= self.run.recipe.epochs
+        metrics["stopped_early"] = bool(self.model.stop_training)
+        if final and stopper is not None and stopper.best_weights is not None:
+            self.model.set_weights(stopper.best_weights)
+            metrics["best_epoch"] = int(stopper.best_epoch) + 1
+
+        self.state["epoch"] = epoch + 1
+        self.state["history"].append(metrics)
+        self.state["finished"] = final
+        self.state["callbacks"] = {
+            type(cb).__name__: {a: _jsonable(getattr(cb, a)) for a in RESUMABLE_ATTRIBUTES if hasattr(cb, a)}
+            for cb in self.callbacks
+        }
+        # Every worker writes (saving can involve collectives under
+        # MultiWorkerMirroredStrategy); only rank 0's copy is kept.
+        with scratch_dir() as folder:
+            self.checkpoint.write(os.path.join(folder, WEIGHTS_PREFIX))
+            if stopper is not None and stopper.best_weights is not None:
+                np.savez(os.path.join(folder, BEST_WEIGHTS), **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
+            if final:
+                self.model.save(os.path.join(folder, FINAL_MODEL))
+            with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
+                json.dump({**self.state, "run": dataclasses.asdict(self.run)}, fh, indent=1)
+            self.ctx.report(metrics, folder if self.ctx.world_rank == 0 else None)
+
+
+def _read_state(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
+        state = json.load(fh)
+    state.pop("run", None)
+    return state
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return value  # json writes Infinity; Python reads it back
+    return value
