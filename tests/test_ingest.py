@@ -190,16 +190,19 @@ def test_clean_study_drops_rows_and_accounts_for_them(tmp_path):
     rows[2]["sex"] = "unknown"
     rows[3]["localization"] = "unknown"
     rows[4]["age"] = ""  # kept by default as a null
+    rows[5]["sex"] = ""
+    rows[6]["localization"] = "nan"
+    rows[7]["dx_type"] = ""
     src = write_kaggle(tmp_path / "src", rows)
     kept = _ingest(src, tmp_path / "all").manifest
     assert kept["rows"]["written"] == len(rows)
     cleaned = _ingest(src, tmp_path / "clean", clean="study").manifest
-    assert cleaned["rows"]["dropped_by_cleaning"] == 5
-    assert cleaned["rows"]["written"] == len(rows) - 5
-    ages = open_store(str(tmp_path / "all")).read_split("train", ["age"]).column("age")
-    assert ages.null_count + sum(
-        open_store(str(tmp_path / "all")).read_split(s, ["age"]).column("age").null_count for s in ("val", "test")
-    ) == 2
+    assert cleaned["rows"]["dropped_by_cleaning"] == 7
+    assert cleaned["rows"]["written"] == len(rows) - 7
+    kept_store = open_store(str(tmp_path / "all"))
+    nulls = {c: sum(kept_store.read_split(s, [c]).column(c).null_count for s in ("train", "val", "test"))
+             for c in ("age", "sex", "localization", "dx_type")}
+    assert nulls == {"age": 2, "sex": 1, "localization": 1, "dx_type": 1}
 
 
 # --------------------------------------------------------------------------- bad input

@@ -212,8 +212,8 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
     for split in SPLITS:
         sel = np.flatnonzero((good["split"] == split).to_numpy())
         part = good.iloc[sel]
-        columns = {c: part[c].tolist() for c in store.METADATA_COLUMNS}
-        columns["age"] = [None if pd.isna(a) else float(a) for a in part["age"]]
+        # Missing values are NaN in pandas and must be nulls in Parquet.
+        columns = {c: [None if pd.isna(v) else v for v in part[c].tolist()] for c in store.METADATA_COLUMNS}
         table = store.shard_table(columns, [pixels[i] for i in sel])
         for f in store.write_shards(dest_fs, folder, split, table):
             files.append({"path": f"{store.SHARDS_DIR}/{ingest_id}/{f['name']}", "split": split, "rows": f["rows"]})

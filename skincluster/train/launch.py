@@ -177,12 +177,15 @@ def _ray_storage_path(path: str) -> str:
     return path if storage.is_uri(path) else os.path.abspath(path)
 
 
-def ensure_ray() -> None:
+def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (or `ray start`), else start a local one."""
     import ray
+    import ray.data
 
     if not ray.is_initialized():
-        ray.init(runtime_env=skincluster.RAY_RUNTIME_ENV, log_to_driver=True)
+        ray.init(runtime_env=skincluster.RAY_RUNTIME_ENV, num_cpus=num_cpus)
+    # Per-block progress bars from every dataset shard drown the epoch lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def check_resources(scaling: Scaling, available: dict[str, float] | None = None) -> None:

@@ -171,7 +171,7 @@ class EpochReporter(keras.callbacks.Callback):
         metrics.update(
             epoch=epoch + 1,
             epoch_budget=self.run.recipe.epochs,
-            lr=float(np.asarray(self.model.optimizer.learning_rate)),
+            lr=float(keras.backend.get_value(self.model.optimizer.learning_rate)),
             epoch_seconds=seconds,
             images_per_second=images / max(seconds, 1e-9),
             steps=self._steps,
