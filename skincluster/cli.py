@@ -129,6 +129,78 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="the main job: train and compare architectures with Ray Tune, then write the report",
+        description="One Ray Tune trial per architecture, each a Ray Train run; results collected in "
+                    "STORAGE/NAME (results.csv, results.md, report.md, curves/, confusion/, best/).",
+    )
+    p.add_argument("--data", required=True, help="store folder or URI (from `skincluster ingest`)")
+    p.add_argument("--storage", default="experiments", help="folder or URI for experiments (default ./experiments)")
+    p.add_argument("--name", default=None, help="experiment name (default compare-PROFILE); the same name resumes")
+    p.add_argument("--models", default=None, help="comma-separated architectures (default: all registered)")
+    p.add_argument("--profile", choices=tuple(PROFILES), default="full")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early-stopping patience (epochs without val balanced accuracy gain) for recipes that stop early")
+    p.add_argument("--scheduler", choices=("plateau", "asha"), default="plateau",
+                   help="plateau: each recipe's own early stopping (default); asha: Tune's ASHA on val balanced accuracy")
+    p.add_argument("--limit", type=int, default=None, help="train on N images per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
+    _add_recipe_options(p)
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from skincluster.config import Scaling
+    from skincluster.tune.compare import Comparison, run_comparison
+
+    spec = Comparison(
+        data=args.data,
+        storage=args.storage,
+        name=args.name or f"compare-{args.profile}",
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else (),
+        profile=args.profile,
+        patience=args.patience,
+        scheduler=args.scheduler,
+        scaling=Scaling(workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker),
+        overrides=_recipe_overrides(args),
+        limit=args.limit,
+        seed=args.seed,
+        max_concurrent=args.max_concurrent,
+    )
+    experiment = run_comparison(spec)
+    _print_report_location(experiment)
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="rebuild an experiment's report from its folder alone")
+    p.add_argument("experiment", help="experiment folder or URI (STORAGE/NAME of `skincluster compare`)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from skincluster.tune.report import build_report
+
+    build_report(args.experiment)
+    _print_report_location(args.experiment)
+    return 0
+
+
+def _print_report_location(experiment: str) -> None:
+    from skincluster import storage
+
+    fs, path = storage.resolve(experiment)
+    print()
+    print(storage.read_bytes(fs, f"{path}/results.md").decode())
+    print(f"report: {storage.join(experiment, 'report.md')}")
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the registered architectures and their recipes")
     p.set_defaults(func=_run_models)
@@ -154,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     _add_demo_data(sub)
     _add_train(sub)
+    _add_compare(sub)
+    _add_report(sub)
     _add_models(sub)
     return parser
 

@@ -1,0 +1,182 @@
+"""`skincluster compare`: one Ray Tune trial per architecture, each trial a Ray Train run.
+
+Layout of an experiment folder ``<storage>/<name>/`` (local or a URI)::
+
+    experiment.json          what was asked for, resolved per model
+    runs/<model>/            one Train run each: config, history, model.keras, evaluation.json
+    tune/                    Ray Tune's own state (used to restore the experiment)
+    results.csv, results.md, report.md, curves/*.png, confusion/*.png, best/model.keras
+
+Each trial is a small Tune function that builds a `TensorflowTrainer` and
+calls `.fit()` (the Train V2 pattern); `TuneReportCallback` turns each epoch's
+rank-0 report into a Tune iteration, which is what schedulers act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from skincluster import storage
+from skincluster.config import Scaling, TrainRun
+from skincluster.data.store import open_store
+from skincluster.train.launch import DATA_CPU_RESERVE, ResourceError, ensure_ray, resolve_run
+
+#: CPU held by each trial's own process: it only waits on the Train run and then
+#: evaluates the final model, so a small share is enough.
+TRIAL_CPU = 0.25
+METRIC = "val_balanced_accuracy"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    data: str
+    storage: str = "experiments"
+    name: str = "compare"
+    models: tuple[str, ...] = ()
+    profile: str = "full"
+    #: Early-stopping patience for recipes that stop early (the enhanced MobileNet).
+    patience: int | None = None
+    scheduler: str = "plateau"
+    scaling: Scaling = Scaling()
+    overrides: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+    seed: int = 0
+    #: None: as many trials at once as the cluster's free CPUs/GPUs fit.
+    max_concurrent: int | None = None
+
+    @property
+    def experiment_dir(self) -> str:
+        return storage.join(self.storage, self.name)
+
+
+def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
+    from skincluster.models import list_models
+
+    models = spec.models or tuple(list_models())
+    unknown = [m for m in models if m not in list_models()]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
+    store = open_store(spec.data)
+    runs = {}
+    for model in models:
+        run = resolve_run(
+            model,
+            spec.data,
+            storage_dir=storage.join(spec.experiment_dir, "runs"),
+            name=model,
+            profile=spec.profile,
+            overrides=spec.overrides,
+            limit=spec.limit,
+            seed=spec.seed,
+            scaling=spec.scaling,
+            store=store,
+        )
+        if spec.patience is not None and run.recipe.early_stopping_patience is not None:
+            run = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, early_stopping_patience=spec.patience))
+        runs[model] = run
+    return runs
+
+
+def concurrent_trials(scaling: Scaling, available: dict[str, float]) -> int:
+    """How many trials fit at once: each needs its workers, its own small share, and Ray Data's reserve."""
+    cpu_per_trial = scaling.workers * scaling.cpus_per_worker + TRIAL_CPU + DATA_CPU_RESERVE
+    by_cpu = math.floor(float(available.get("CPU", 0)) / cpu_per_trial + 1e-9)
+    by_gpu = math.inf
+    if scaling.gpus_per_worker:
+        by_gpu = math.floor(float(available.get("GPU", 0)) / (scaling.workers * scaling.gpus_per_worker) + 1e-9)
+    fit = int(min(by_cpu, by_gpu))
+    if fit < 1:
+        raise ResourceError(
+            f"one trial needs {cpu_per_trial:g} CPUs ({scaling.workers} worker(s) x {scaling.cpus_per_worker} "
+            f"+ {TRIAL_CPU} for the trial + {DATA_CPU_RESERVE} for Ray Data) and "
+            f"{scaling.workers * scaling.gpus_per_worker:g} GPUs; the cluster has {available.get('CPU', 0):g} CPUs "
+            f"and {available.get('GPU', 0):g} GPUs. Lower --cpus-per-worker or --workers."
+        )
+    return fit
+
+
+def _trial(config: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
+    """One Tune trial: the Train run of one architecture, then its test evaluation."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from skincluster.train.evaluate import format_summary
+    from skincluster.train.launch import run_ray
+
+    run = TrainRun.from_dict(runs[config["model"]])
+    result = run_ray(run, run_config_callbacks=[TuneReportCallback()])
+    print(format_summary(run.model, result.evaluation), flush=True)
+
+
+def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
+    """Run (or resume) the comparison; build the report; return the experiment folder."""
+    import ray
+    from ray import tune
+
+    from skincluster.tune.report import build_report
+
+    runs = resolve_runs(spec)
+    fs, path = storage.resolve(spec.experiment_dir)
+    fs.create_dir(path, recursive=True)
+    storage.write_json_atomic(
+        fs,
+        f"{path}/experiment.json",
+        {"comparison": dataclasses.asdict(spec), "runs": {m: dataclasses.asdict(r) for m, r in runs.items()}},
+    )
+    ensure_ray()
+    max_concurrent = spec.max_concurrent or concurrent_trials(spec.scaling, ray.cluster_resources())
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, runs={m: dataclasses.asdict(r) for m, r in runs.items()}),
+        {"cpu": TRIAL_CPU},
+    )
+    tune_path = storage.join(spec.experiment_dir, "tune")
+    if tune.Tuner.can_restore(tune_path):
+        # The driver died: finished trials stay finished, the others start again
+        # and their Train runs resume from their own checkpoints.
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_errored=True, restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"model": tune.grid_search(list(runs))},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent,
+                scheduler=_scheduler(spec, runs),
+                trial_name_creator=lambda trial: trial.config["model"],
+                trial_dirname_creator=lambda trial: trial.config["model"],
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=_absolute(spec.experiment_dir),
+                verbose=verbose,
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
+    tuner.fit()
+    build_report(spec.experiment_dir)
+    return spec.experiment_dir
+
+
+def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler == "plateau":
+        # Early stopping lives in each recipe (patience on val balanced accuracy),
+        # where it also restores the best weights; Tune just runs the trials.
+        return FIFOScheduler()
+    if spec.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            metric=METRIC,
+            mode="max",
+            max_t=max(r.recipe.epochs for r in runs.values()),
+            grace_period=min(5, min(r.recipe.epochs for r in runs.values())),
+        )
+    raise ValueError(f"unknown scheduler {spec.scheduler!r}: expected plateau or asha")
+
+
+def _absolute(path: str) -> str:
+    return path if storage.is_uri(path) else os.path.abspath(path)
