@@ -56,9 +56,10 @@ def resolve_run(
     prof = PROFILES[profile]
     store = store or open_store(store_uri)
     recipe = get_recipe(model)
-    recipe = replace_fields(recipe, prof.overrides_for(model))
+    recipe = replace_fields(recipe, prof.recipe_overrides)
     if prof.max_epochs is not None and recipe.epochs > prof.max_epochs:
         recipe = dataclasses.replace(recipe, epochs=prof.max_epochs)
+    recipe = replace_fields(recipe, prof.model_overrides.get(model, {}))
     recipe = replace_fields(recipe, overrides or {})
     limit = limit if limit is not None else prof.limit
     counts = store.manifest["counts"]["train"]

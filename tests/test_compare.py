@@ -1,0 +1,111 @@
+"""The main job: the smoke comparison of every registered model, report, driver-kill resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from skincluster.config import Scaling
+from skincluster.models import list_models
+from skincluster.train.launch import ResourceError
+from skincluster.tune.compare import Comparison, concurrent_trials, run_comparison
+from skincluster.tune.report import build_report
+
+pytestmark = pytest.mark.ray
+
+REPORT_FILES = ["results.csv", "results.md", "report.md", "curves/all_val.png", "best/model.keras", "experiment.json"]
+
+
+@pytest.fixture(scope="module")
+def smoke_experiment(synthetic_store, tmp_path_factory, ray_session):
+    """All seven architectures, in a row, on a 2-CPU Ray runtime."""
+    spec = Comparison(data=synthetic_store, storage=str(tmp_path_factory.mktemp("exp")), name="smoke", profile="smoke")
+    return run_comparison(spec, verbose=0)
+
+
+def test_every_model_has_a_row_with_finite_metrics(smoke_experiment):
+    table = pd.read_csv(os.path.join(smoke_experiment, "results.csv"))
+    assert sorted(table["model"]) == sorted(list_models())
+    for column in ("test_accuracy", "balanced_accuracy", "macro_f1", "melanoma_recall", "roc_auc", "val_loss"):
+        assert table[column].map(math.isfinite).all(), column
+
+
+def test_every_report_file_is_written(smoke_experiment):
+    for name in REPORT_FILES:
+        assert os.path.exists(os.path.join(smoke_experiment, name)), name
+    for model in list_models():
+        assert os.path.exists(os.path.join(smoke_experiment, "curves", f"{model}.png")), model
+        assert os.path.exists(os.path.join(smoke_experiment, "confusion", f"{model}.png")), model
+
+
+def test_enhanced_mobilenet_stopped_early(smoke_experiment):
+    table = pd.read_csv(os.path.join(smoke_experiment, "results.csv")).set_index("model")
+    row = table.loc["mobilenet_enhanced"]
+    assert row["status"] == "early stopped"
+    assert row["epochs_run"] < row["epoch_budget"]
+
+
+def test_report_rebuilds_from_storage_alone(smoke_experiment):
+    for name in ("results.csv", "report.md", "curves/all_val.png"):
+        os.remove(os.path.join(smoke_experiment, name))
+    build_report(smoke_experiment)
+    for name in ("results.csv", "report.md", "curves/all_val.png"):
+        assert os.path.exists(os.path.join(smoke_experiment, name))
+
+
+def test_concurrency_follows_free_resources():
+    one = Scaling(workers=1, cpus_per_worker=1)
+    assert concurrent_trials(one, {"CPU": 2}) == 1
+    assert concurrent_trials(one, {"CPU": 16}) == 9
+    gpu = Scaling(workers=1, cpus_per_worker=4, gpus_per_worker=1)
+    assert concurrent_trials(gpu, {"CPU": 64, "GPU": 4}) == 4
+    with pytest.raises(ResourceError, match="Lower --cpus-per-worker"):
+        concurrent_trials(Scaling(workers=2, cpus_per_worker=1), {"CPU": 2})
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_store, tmp_path, ray_session):
+    storage_dir = str(tmp_path / "exp")
+    args = ["compare", "--data", synthetic_store, "--storage", storage_dir, "--name", "resume",
+            "--models", "nn,cnn", "--profile", "smoke", "--set", "epochs=3"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen([sys.executable, "-m", "skincluster", *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    runs = os.path.join(storage_dir, "resume", "runs")
+    finished = os.path.join(runs, "nn", "evaluation.json")
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline:
+            if os.path.exists(finished) and any(n.startswith("checkpoint_epoch") for n in _listdir(os.path.join(runs, "cnn"))):
+                break
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first trial did not finish in time")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    first_evaluation = os.path.getmtime(finished)
+    assert not os.path.exists(os.path.join(runs, "cnn", "evaluation.json"))
+
+    spec = Comparison(data=synthetic_store, storage=storage_dir, name="resume", models=("nn", "cnn"),
+                      profile="smoke", overrides={"epochs": "3"})
+    experiment = run_comparison(spec, verbose=0)
+    assert os.path.getmtime(finished) == first_evaluation  # nn was not trained again
+    table = pd.read_csv(os.path.join(experiment, "results.csv")).set_index("model")
+    assert table.loc["cnn", "epochs_run"] == 3 and table.loc["cnn", "status"] == "finished"
+    # ... and cnn's Train run continued from its checkpoint instead of starting over.
+    state = json.load(open(os.path.join(runs, "cnn", "checkpoint_epoch_0003", "state.json")))
+    assert state["restarts"] == 1
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+
+
+def _listdir(path):
+    return os.listdir(path) if os.path.isdir(path) else []
