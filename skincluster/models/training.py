@@ -1,0 +1,129 @@
+"""Everything a Recipe says about training, turned into Keras objects: precision
+policy, optimizer, loss, metrics, callbacks and class weights.
+
+Labels everywhere are integer class indices, so the loss is the sparse form
+of the study's categorical cross-entropy (the same number, without one-hot
+labels).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import skincluster  # noqa: F401  (pins tf-keras before TensorFlow is imported)
+import tensorflow as tf
+import tf_keras as keras
+
+from skincluster.config import Recipe
+from skincluster.train.metrics import BalancedAccuracy
+
+#: What EarlyStopping watches; the name BalancedAccuracy logs under in fit().
+EARLY_STOPPING_MONITOR = "val_balanced_accuracy"
+#: What ReduceLROnPlateau watches, as in the study.
+REDUCE_LR_MONITOR = "val_accuracy"
+
+
+def set_precision(recipe: Recipe) -> None:
+    """Set the global Keras policy for `recipe`; call before building the model.
+
+    "mixed_float16" computes in float16 with float32 variables (the models'
+    softmax stays float32); "float32" otherwise, also undoing an earlier call.
+    """
+    keras.mixed_precision.set_global_policy("mixed_float16" if recipe.mixed_precision else "float32")
+
+
+@keras.saving.register_keras_serializable(package="skincluster")
+class SparseCategoricalFocalLoss(keras.losses.Loss):
+    """Focal loss -(1 - p_t)^gamma * log(p_t) for integer labels and probabilities.
+
+    Down-weights examples the model already gets right, so the rare classes
+    weigh more; gamma=0 is plain sparse categorical cross-entropy. No alpha
+    term: per-class weighting is fit(class_weight=...)'s job.
+    """
+
+    def __init__(self, gamma: float = 2.0, name: str = "sparse_categorical_focal_loss", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.gamma = gamma
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        y_pred = tf.convert_to_tensor(y_pred)
+        labels = tf.reshape(tf.cast(y_true, tf.int32), tf.shape(y_pred)[:-1])
+        one_hot = tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_focal_crossentropy(one_hot, y_pred, alpha=1.0, gamma=self.gamma)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "gamma": self.gamma}
+
+
+def make_loss(recipe: Recipe) -> keras.losses.Loss:
+    if recipe.loss == "focal":
+        return SparseCategoricalFocalLoss(gamma=recipe.focal_gamma)
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
+def make_optimizer(recipe: Recipe) -> keras.optimizers.Optimizer:
+    return keras.optimizers.Adam(
+        learning_rate=recipe.learning_rate,
+        beta_1=recipe.adam_beta_1,
+        beta_2=recipe.adam_beta_2,
+        epsilon=recipe.adam_epsilon,
+    )
+
+
+def compile_model(model: keras.Model, recipe: Recipe, num_classes: int) -> keras.Model:
+    """Compile with the recipe's Adam and loss; logs accuracy and balanced_accuracy.
+
+    Under a mixed_float16 policy Keras wraps the optimizer in a
+    LossScaleOptimizer by itself. Returns `model` for chaining.
+    """
+    model.compile(
+        optimizer=make_optimizer(recipe),
+        loss=make_loss(recipe),
+        # Named "accuracy" so fit() logs val_accuracy, which ReduceLROnPlateau watches.
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"), BalancedAccuracy(num_classes)],
+    )
+    return model
+
+
+def build_callbacks(recipe: Recipe) -> list[keras.callbacks.Callback]:
+    """The recipe's ReduceLROnPlateau and EarlyStopping (each only when enabled)."""
+    callbacks: list[keras.callbacks.Callback] = []
+    if recipe.reduce_lr_on_plateau:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor=REDUCE_LR_MONITOR,
+                mode="max",
+                patience=recipe.lr_patience,
+                factor=recipe.lr_factor,
+                min_lr=recipe.min_lr,
+            )
+        )
+    if recipe.early_stopping_patience is not None:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=EARLY_STOPPING_MONITOR,
+                mode="max",
+                patience=recipe.early_stopping_patience,
+                restore_best_weights=True,
+            )
+        )
+    return callbacks
+
+
+def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    """Class weights for fit(class_weight=...): None for mode "none"; for
+    "balanced", n / (num_classes * count) as sklearn's compute_class_weight.
+
+    Every class gets a key (Keras requires 0..num_classes-1); a class with no
+    training sample gets 1.0, a weight nothing is ever multiplied by.
+    """
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise ValueError(f"class weight mode must be 'none' or 'balanced', got {mode!r}")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1), minlength=num_classes)
+    if len(counts) > num_classes:
+        raise ValueError(f"labels hold class {len(counts) - 1}, but num_classes is {num_classes}")
+    total = counts.sum()
+    return {c: float(total / (num_classes * n)) if n else 1.0 for c, n in enumerate(counts)}

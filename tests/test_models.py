@@ -1,0 +1,432 @@
+"""Every registered model, built with weights=None: shape, recipe, training,
+saving, augmentation and preprocessing. Parametrised over list_models(), so a
+new architecture is tested the day it is registered."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skincluster  # noqa: F401  (pins tf-keras before TensorFlow is imported)
+import tensorflow as tf
+import tf_keras as keras
+from sklearn.utils.class_weight import compute_class_weight
+
+from skincluster.config import ENHANCED_AUGMENTATION, NO_AUGMENTATION, STUDY_AUGMENTATION
+from skincluster.models import (
+    SparseCategoricalFocalLoss,
+    backbone_of,
+    build_callbacks,
+    class_weights,
+    compile_model,
+    create_model,
+    get_recipe,
+    list_models,
+    set_precision,
+)
+
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_7_5_224_tf_no_top.h5"
+STUDY_ORDER = ["nn", "cnn", "cnn_aug", "mobilenet", "resnet50", "densenet121", "mobilenet_enhanced"]
+BACKBONES = ["mobilenet", "resnet50", "densenet121", "mobilenet_enhanced"]
+AUGMENTED = [name for name in list_models() if get_recipe(name).augmentation.enabled]
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Each model built once per module: ResNet50 and DenseNet121 are slow on CPU."""
+    cache: dict[str, keras.Model] = {}
+
+    def get(name: str) -> keras.Model:
+        if name not in cache:
+            keras.utils.set_random_seed(0)
+            cache[name] = create_model(name, weights=None)
+        return cache[name]
+
+    return get
+
+
+def random_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 100, 125, 3), dtype=np.uint8)
+
+
+def flat_colour_images(n: int, seed: int = 0) -> np.ndarray:
+    """One uniform colour per image: rotation, zoom, shift (nearest fill) and
+    flips leave such an image unchanged, so augmentation adds no noise."""
+    colours = np.random.default_rng(seed).integers(0, 256, size=(n, 1, 1, 3), dtype=np.uint8)
+    return np.broadcast_to(colours, (n, 100, 125, 3)).copy()
+
+
+def layer_path_to_output(model: keras.Model) -> list[str]:
+    """Class names of the layers from the input to the output, walking the
+    serialised graph (inbound nodes), not the model.layers list."""
+    layers = {layer["name"]: layer for layer in model.get_config()["layers"]}
+    name = model.get_config()["output_layers"][0][0]
+    path = []
+    while True:
+        path.append(layers[name]["class_name"])
+        inbound = layers[name]["inbound_nodes"]
+        if not inbound:
+            return path[::-1]
+        (sources,) = inbound  # one call per layer
+        assert len(sources) == 1, f"{name} has several inputs"
+        name = sources[0][0]
+
+
+# Registry and recipes -----------------------------------------------------------------
+
+
+def test_registry_lists_the_study_models_in_order():
+    assert list_models() == STUDY_ORDER
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'vgg16'.*mobilenet_enhanced"):
+        create_model("vgg16")
+    with pytest.raises(ValueError, match="known models: nn, cnn"):
+        get_recipe("vgg16")
+
+
+@pytest.mark.parametrize(
+    "name, lr, epochs, augmentation, reduce_lr, patience, trainable, weights",
+    [
+        ("nn", 7.5e-4, 50, NO_AUGMENTATION, False, None, None, None),
+        ("cnn", 1e-4, 50, NO_AUGMENTATION, False, None, None, None),
+        ("cnn_aug", 1e-4, 50, STUDY_AUGMENTATION, True, None, None, None),
+        ("mobilenet", 1e-4, 50, STUDY_AUGMENTATION, True, None, 23, "imagenet"),
+        ("resnet50", 1e-4, 50, STUDY_AUGMENTATION, True, None, 23, "imagenet"),
+        ("densenet121", 1e-4, 50, STUDY_AUGMENTATION, True, None, 23, "imagenet"),
+        ("mobilenet_enhanced", 1e-3, 500, ENHANCED_AUGMENTATION, True, 20, 50, "imagenet"),
+    ],
+)
+def test_recipes_follow_the_design_table(name, lr, epochs, augmentation, reduce_lr, patience, trainable, weights):
+    recipe = get_recipe(name)
+    assert (recipe.learning_rate, recipe.epochs, recipe.batch_size) == (lr, epochs, 10)
+    assert (recipe.adam_beta_1, recipe.adam_beta_2, recipe.adam_epsilon) == (0.9, 0.999, 1e-8)
+    assert recipe.augmentation == augmentation
+    assert recipe.reduce_lr_on_plateau is reduce_lr
+    assert recipe.early_stopping_patience == patience
+    assert recipe.trainable_layers == trainable
+    assert recipe.weights == weights
+    assert (recipe.loss, recipe.class_weight, recipe.mixed_precision) == ("crossentropy", "none", False)
+
+
+# Every model ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_output_is_a_float32_softmax(built, name):
+    model = built(name)
+    assert model.input.dtype == tf.uint8
+    assert model.output.shape.as_list() == [None, 7]
+    x = random_images(3)
+    probabilities = model.predict(x, verbose=0)
+    assert probabilities.dtype == np.float32
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # Float pixels 0-255 are cast to uint8 on the way in: same answer.
+    np.testing.assert_allclose(model(x.astype(np.float32), training=False), probabilities, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_trainable_layers_match_the_recipe(built, name):
+    model = built(name)
+    backbone = backbone_of(model)
+    expected = get_recipe(name).trainable_layers
+    if expected is None:
+        assert backbone is None
+        assert all(layer.trainable for layer in model.layers)
+        assert len(model.trainable_weights) == len(model.weights)
+        return
+    assert sum(layer.trainable for layer in backbone.layers) == expected
+    assert all(layer.trainable for layer in backbone.layers[-expected:])
+    frozen = {id(w) for layer in backbone.layers[:-expected] for w in layer.weights}
+    assert frozen and not frozen & {id(w) for w in model.trainable_weights}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_keras_file_round_trip_gives_identical_predictions(built, name, tmp_path):
+    model, x = built(name), random_images(2)
+    model.save(tmp_path / "model.keras")
+    # compile=False: the optimizer state is not under test and costs seconds to restore.
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_savedmodel_round_trip_gives_identical_predictions(built, name, tmp_path):
+    model, x = built(name), random_images(2)
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 100, 125, 3), tf.uint8, name="image")])
+    def serve(image):
+        return {"probabilities": model(image, training=False)}
+
+    # Only the serving function is traced: tracing every layer takes ~20 s for DenseNet121.
+    model.save(tmp_path / "saved", save_format="tf", save_traces=False, signatures={"serving_default": serve})
+    signature = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
+    loaded = signature(image=tf.constant(x))["probabilities"].numpy()
+    np.testing.assert_allclose(loaded, model(x, training=False), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_predictions_are_deterministic_at_inference(built, name):
+    model, x = built(name), random_images(3)  # the batch size predict() was traced with above
+    np.testing.assert_array_equal(model.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("name", AUGMENTED)
+def test_augmentation_is_active_in_training_only(built, name):
+    augmentation = built(name).get_layer("augmentation")
+    x = tf.constant(random_images(4))
+    inference = augmentation(x, training=False).numpy()
+    np.testing.assert_array_equal(inference, x.numpy())
+    assert not np.allclose(augmentation(x, training=True).numpy(), inference)
+
+
+@pytest.mark.parametrize("name", sorted(set(list_models()) - set(AUGMENTED)))
+def test_models_without_augmentation_have_no_augmentation_layer(built, name):
+    assert "augmentation" not in [layer.name for layer in built(name).layers]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_training_steps_lower_the_loss(built, name):
+    # After the save tests in this file, so those save a model without optimizer state.
+    model = compile_model(built(name), get_recipe(name), num_classes=7)
+    x, y = flat_colour_images(8), np.arange(8) % 7
+
+    def loss() -> float:
+        # Inference mode, so dropout does not blur the comparison; called
+        # eagerly, since tracing evaluate() for DenseNet121 costs seconds.
+        return float(model.loss(y, model(x, training=False)))
+
+    before = loss()
+    for _ in range(5):
+        model.train_on_batch(x, y)
+    assert loss() < before
+
+
+# Preprocessing inside the graph -----------------------------------------------------------
+
+_KERAS_PREPROCESS = {
+    "mobilenet": keras.applications.mobilenet.preprocess_input,
+    "mobilenet_enhanced": keras.applications.mobilenet.preprocess_input,
+    "resnet50": keras.applications.resnet50.preprocess_input,
+    "densenet121": keras.applications.densenet.preprocess_input,
+}
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_backbones_scale_pixels_as_keras_preprocess_input(built, name):
+    model, x = built(name), random_images(2)
+    scaled = keras.Model(model.input, model.get_layer("preprocess").output)(x, training=False).numpy()
+    np.testing.assert_allclose(scaled, _KERAS_PREPROCESS[name](x.astype(np.float32)), rtol=1e-5, atol=1e-4)
+
+
+def test_from_scratch_models_standardise_with_the_given_channel_stats():
+    mean, std = (180.0, 140.0, 150.0), (30.0, 40.0, 50.0)
+    model = create_model("cnn", channel_mean=mean, channel_std=std)
+    x = random_images(2)
+    scaled = keras.Model(model.input, model.get_layer("preprocess").output)(x).numpy()
+    np.testing.assert_allclose(scaled, (x - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one value per channel"):
+        create_model("nn", channel_mean=(1.0, 2.0))
+
+
+def test_from_scratch_models_default_to_the_minus_one_to_one_range():
+    model = create_model("nn")
+    x = random_images(1)
+    scaled = keras.Model(model.input, model.get_layer("preprocess").output)(x).numpy()
+    np.testing.assert_allclose(scaled, x / 127.5 - 1, rtol=1e-5, atol=1e-5)
+
+
+# The study's architectures ----------------------------------------------------------------
+
+#: Layers our models add around the study's: input, scaling and float32 softmax.
+_ADDED_LAYERS = {"image", "augmentation", "preprocess", "probabilities"}
+
+
+def test_nn_has_the_study_layers_and_parameters():
+    model = create_model("nn")
+    flatten = 100 * 125 * 3
+    expected = (flatten * 64 + 64) + 4 * (64 * 64 + 64) + (64 * 7 + 7)
+    assert expected == 2_417_159
+    assert model.count_params() == expected
+    assert len([layer for layer in model.layers if layer.name not in _ADDED_LAYERS]) == 7  # Flatten + 6 Dense
+
+
+def test_cnn_has_the_study_layers_and_parameters():
+    model = create_model("cnn")
+    conv = (3 * 3 * 3 * 32 + 32) + 2 * (3 * 3 * 32 * 32 + 32)
+    flatten = (100 // 8) * (125 // 8) * 32  # three 2x2 poolings, flooring: 12 x 15
+    expected = conv + (flatten * 256 + 256) + (256 * 128 + 128) + (128 * 7 + 7)
+    assert expected == 1_528_007
+    assert model.count_params() == expected
+    # 3 x (Conv, MaxPool, Dropout) + Flatten + Dense + Dense + Dropout + Dense
+    assert len([layer for layer in model.layers if layer.name not in _ADDED_LAYERS]) == 14
+    dropout = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert dropout == [0.15, 0.225, 0.3375, 0.506]
+
+
+def test_enhanced_batchnorm_sits_between_pooling_and_dropout():
+    model = create_model("mobilenet_enhanced", weights=None)
+    path = layer_path_to_output(model)
+    assert path[-5:] == ["GlobalAveragePooling2D", "BatchNormalization", "Dropout", "Dense", "Activation"]
+    assert model.get_layer("logits").kernel_regularizer.get_config()["l2"] == pytest.approx(1e-3)
+    # And it is used: moving its shift moves the predictions.
+    x = random_images(2)
+    before = model.predict(x, verbose=0)
+    model.get_layer("batchnorm").beta.assign(np.linspace(-3, 3, model.get_layer("batchnorm").beta.shape[0]))
+    assert not np.allclose(model.predict(x, verbose=0), before)
+
+
+def test_study_transfer_head_is_pool_dropout_dense():
+    path = layer_path_to_output(create_model("mobilenet", weights=None))
+    assert path == [
+        "InputLayer", "Sequential", "Rescaling", "Functional", "GlobalAveragePooling2D", "Dropout", "Dense", "Activation"
+    ]
+
+
+# Weights ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.exists(), reason=f"shared MobileNet weights absent: {SHARED_WEIGHTS}")
+def test_shared_mobilenet_weights_load_and_are_used():
+    import h5py
+
+    keras.utils.set_random_seed(0)
+    pretrained = create_model("mobilenet", weights=SHARED_WEIGHTS, alpha=0.75)
+    keras.utils.set_random_seed(0)
+    random_init = create_model("mobilenet", weights=None, alpha=0.75)
+    backbone = backbone_of(pretrained)
+    with h5py.File(SHARED_WEIGHTS, "r") as h5:
+        np.testing.assert_array_equal(backbone.get_layer("conv1").kernel.numpy(), h5["conv1/conv1/kernel:0"][()])
+    # The README's way of loading the file gives the same weights.
+    reference = keras.applications.MobileNet(
+        alpha=0.75, include_top=False, weights=str(SHARED_WEIGHTS), input_shape=(100, 125, 3)
+    )
+    for ours, theirs in zip(backbone.weights, reference.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    x = random_images(2)
+    assert not np.allclose(pretrained.predict(x, verbose=0), random_init.predict(x, verbose=0), atol=1e-3)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere" / "mobilenet.h5"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        create_model("mobilenet", weights=str(missing))
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.exists(), reason=f"shared MobileNet weights absent: {SHARED_WEIGHTS}")
+def test_weights_for_another_architecture_are_a_clear_error():
+    with pytest.raises(ValueError, match="cannot load .*mobilenet_7_5_224_tf_no_top.h5"):
+        create_model("mobilenet", weights=SHARED_WEIGHTS, alpha=1.0)
+
+
+def test_from_scratch_models_reject_pretrained_weights_and_alpha():
+    with pytest.raises(ValueError, match="weights must be None"):
+        create_model("cnn", weights="imagenet")
+    with pytest.raises(ValueError, match="alpha"):
+        create_model("nn", alpha=0.75)
+    with pytest.raises(ValueError, match="alpha"):
+        create_model("resnet50", weights=None, alpha=0.5)
+
+
+# Recipe overrides and precision -------------------------------------------------------------
+
+
+def test_a_recipe_override_changes_the_built_model():
+    recipe = dataclasses.replace(
+        get_recipe("mobilenet"), trainable_layers=5, augmentation=NO_AUGMENTATION, weights=None, alpha=0.5
+    )
+    model = create_model("mobilenet", recipe=recipe)
+    backbone = backbone_of(model)
+    assert sum(layer.trainable for layer in backbone.layers) == 5
+    assert "augmentation" not in [layer.name for layer in model.layers]
+    assert backbone.name.startswith("mobilenet_0.50")  # alpha defaults to the recipe's
+    assert backbone_of(create_model("mobilenet", recipe=recipe, alpha=0.25)).name.startswith("mobilenet_0.25")
+
+
+def test_mixed_precision_keeps_the_softmax_float32():
+    recipe = dataclasses.replace(get_recipe("cnn_aug"), mixed_precision=True)
+    set_precision(recipe)
+    try:
+        model = compile_model(create_model("cnn_aug", recipe=recipe), recipe, num_classes=7)
+        assert model.get_layer("logits").compute_dtype == "float16"
+        assert model.get_layer("probabilities").compute_dtype == "float32"
+        assert model.output.dtype == tf.float32
+        assert isinstance(model.optimizer, keras.mixed_precision.LossScaleOptimizer)
+        model.train_on_batch(flat_colour_images(4), np.arange(4))
+        assert model(random_images(2), training=True).dtype == tf.float32
+    finally:
+        set_precision(get_recipe("cnn_aug"))
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+# Loss, class weights, callbacks --------------------------------------------------------------
+
+
+def test_focal_loss_reduces_to_crossentropy_at_gamma_zero():
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(7), size=16).astype(np.float32)
+    labels = rng.integers(0, 7, size=16)
+
+    def focal(gamma: float, y: np.ndarray) -> float:
+        return float(SparseCategoricalFocalLoss(gamma=gamma)(y, probabilities))
+
+    crossentropy = float(keras.losses.SparseCategoricalCrossentropy()(labels, probabilities))
+    assert focal(0.0, labels) == pytest.approx(crossentropy, rel=1e-5)
+    p_true = probabilities[np.arange(16), labels]
+    expected = np.mean(-((1 - p_true) ** 2) * np.log(p_true))
+    assert focal(2.0, labels) == pytest.approx(expected, rel=1e-5)
+    assert focal(2.0, labels[:, None]) == pytest.approx(expected, rel=1e-5)  # column labels, as Keras passes them
+    assert focal(2.0, labels) < crossentropy  # easy examples weigh less
+
+
+def test_focal_loss_is_chosen_by_the_recipe_and_serialises():
+    recipe = dataclasses.replace(get_recipe("nn"), loss="focal", focal_gamma=3.0)
+    model = compile_model(create_model("nn"), recipe, num_classes=7)
+    assert isinstance(model.loss, SparseCategoricalFocalLoss) and model.loss.gamma == 3.0
+    restored = keras.losses.deserialize(keras.losses.serialize(model.loss))
+    assert isinstance(restored, SparseCategoricalFocalLoss) and restored.gamma == 3.0
+    default = compile_model(create_model("nn"), get_recipe("nn"), num_classes=7)
+    assert isinstance(default.loss, keras.losses.SparseCategoricalCrossentropy)
+
+
+def test_balanced_class_weights_match_sklearn():
+    labels = np.array([0] * 50 + [1] * 10 + [2] * 5 + [4] * 35)
+    weights = class_weights(labels, num_classes=5, mode="balanced")
+    present = np.unique(labels)
+    sklearn = compute_class_weight("balanced", classes=present, y=labels)
+    # sklearn's formula n / (k * count) with k = all classes, not only the present ones.
+    assert [weights[c] for c in present] == pytest.approx(list(sklearn * len(present) / 5))
+    assert weights[0] == pytest.approx(100 / (5 * 50))
+    assert weights[3] == 1.0  # no sample: never used, but Keras wants every key
+    assert sorted(weights) == [0, 1, 2, 3, 4]
+    assert class_weights(labels, num_classes=5, mode="none") is None
+    with pytest.raises(ValueError):
+        class_weights(labels, num_classes=5, mode="inverse")
+
+
+def test_callbacks_follow_the_recipe():
+    assert build_callbacks(get_recipe("nn")) == []
+    (plateau,) = build_callbacks(get_recipe("mobilenet"))
+    assert isinstance(plateau, keras.callbacks.ReduceLROnPlateau)
+    assert (plateau.monitor, plateau.mode, plateau.patience, plateau.factor, plateau.min_lr) == (
+        "val_accuracy", "max", 5, 0.5, 1e-5
+    )
+    plateau, stopping = build_callbacks(get_recipe("mobilenet_enhanced"))
+    assert isinstance(stopping, keras.callbacks.EarlyStopping)
+    assert stopping.monitor == "val_balanced_accuracy"
+    assert (stopping.patience, stopping.restore_best_weights) == (20, True)
+    assert stopping.monitor_op == np.greater
+
+
+def test_fit_logs_balanced_accuracy_for_early_stopping():
+    recipe = dataclasses.replace(get_recipe("nn"), early_stopping_patience=1)
+    model = compile_model(create_model("nn"), recipe, num_classes=7)
+    x, y = flat_colour_images(14), np.arange(14) % 7
+    history = model.fit(
+        x, y, validation_data=(x, y), epochs=2, batch_size=7, verbose=0,
+        class_weight=class_weights(y, 7, "balanced"), callbacks=build_callbacks(recipe),
+    )
+    assert {"accuracy", "balanced_accuracy", "val_accuracy", "val_balanced_accuracy"} <= set(history.history)
