@@ -430,3 +430,19 @@ def test_fit_logs_balanced_accuracy_for_early_stopping():
         class_weight=class_weights(y, 7, "balanced"), callbacks=build_callbacks(recipe),
     )
     assert {"accuracy", "balanced_accuracy", "val_accuracy", "val_balanced_accuracy"} <= set(history.history)
+
+
+def test_saved_model_loads_in_a_fresh_process(tmp_path):
+    """Custom layers must be registered by `skincluster.models.load_model` itself (seen: a Tune
+    trial process failed to load ResNet50's preprocessing layer)."""
+    import subprocess
+    import sys
+
+    from skincluster.models import create_model
+
+    path = tmp_path / "resnet50.keras"
+    create_model("resnet50", weights=None).save(path)
+    code = f"from skincluster.models import load_model; print(load_model({str(path)!r}).output_shape)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(None, 7)" in out.stdout

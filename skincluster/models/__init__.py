@@ -26,6 +26,18 @@ from skincluster.models.training import (
 )
 from skincluster.models.transfer import backbone_of
 
+
+def load_model(path: str):
+    """Load a saved skincluster model (``.keras`` or SavedModel folder) for inference.
+
+    Goes through this package so the custom layers are registered first: a
+    bare ``keras.models.load_model`` in a fresh process fails on ResNet50's
+    preprocessing layer.
+    """
+    import tf_keras as keras
+
+    return keras.models.load_model(path, compile=False)
+
 __all__ = [
     "FROM_RECIPE",
     "BuildSpec",
@@ -37,6 +49,7 @@ __all__ = [
     "create_model",
     "get_recipe",
     "list_models",
+    "load_model",
     "register_model",
     "set_precision",
 ]

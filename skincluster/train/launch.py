@@ -225,11 +225,10 @@ def _write_config(run: TrainRun) -> None:
 
 def _finish(run: TrainRun, history: list[dict[str, Any]], model_path: str) -> RunResult:
     """Evaluate the final model on the test split; write model, history, evaluation."""
-    import tf_keras as keras
-
+    from skincluster.models import load_model
     from skincluster.train.evaluate import evaluate_model
 
-    model = keras.models.load_model(model_path, compile=False)
+    model = load_model(model_path)
     store = open_store(run.data.store)
     evaluation = evaluate_model(model, store, run.data.limit, run.data.seed)
     evaluation.update(model=run.model, epochs_run=len(history), epoch_budget=run.recipe.epochs)

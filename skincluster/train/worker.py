@@ -96,7 +96,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
-    reporter = EpochReporter(run, ctx, model, checkpoint, callbacks, state, best_weights, epoch_box, global_batch)
+    reporter = EpochReporter(run, ctx, checkpoint, callbacks, state, best_weights, epoch_box, global_batch)
     weights = None
     if run.recipe.class_weight == "balanced" and run.train_class_counts:
         counts = np.asarray(run.train_class_counts)
@@ -123,7 +123,7 @@ class EpochReporter(keras.callbacks.Callback):
     checkpoint, so the run's result is in its newest checkpoint.
     """
 
-    def __init__(self, run, ctx, model, checkpoint, callbacks, state, best_weights, epoch_box, global_batch):
+    def __init__(self, run, ctx, checkpoint, callbacks, state, best_weights, epoch_box, global_batch):
         super().__init__()
         self.run = run
         self.ctx = ctx
@@ -211,8 +211,5 @@ def _read_state(path: str) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return value  # json writes Infinity; Python reads it back
-    return value
+    # numpy scalars to Python; an infinite "best" is written as Infinity, which json reads back.
+    return value.item() if isinstance(value, (np.floating, np.integer)) else value
