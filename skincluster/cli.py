@@ -82,17 +82,29 @@ def _add_train(sub) -> None:
     p.add_argument("--data", required=True, help="store folder or URI (from `skincluster ingest`)")
     p.add_argument("--storage", default="runs", help="folder or URI for run folders (default ./runs)")
     p.add_argument("--name", default=None, help="run name (default MODEL-PROFILE); the same name resumes")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (debug mode)")
+    _add_run_options(p)
+    p.set_defaults(func=_run_train)
+
+
+def _add_run_options(p) -> None:
+    """Options shared by `train` and `compare`: size, hardware, recipe overrides."""
     p.add_argument("--profile", choices=tuple(PROFILES), default="full",
                    help="smoke: seconds on a CPU; cpu: sized for CPUs; full: the study's epochs (default)")
-    p.add_argument("--local", action="store_true", help="run in this process without Ray (debug mode)")
     p.add_argument("--limit", type=int, default=None, help="train on N images (val/test shrink in proportion)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per run (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0)
     p.add_argument("--cpus-per-worker", type=float, default=1)
-    p.add_argument("--max-failures", type=int, default=2, help="worker restarts allowed (default 2)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker restarts allowed per run (default 2)")
     _add_recipe_options(p)
-    p.set_defaults(func=_run_train)
+
+
+def _scaling(args):
+    from skincluster.config import Scaling
+
+    return Scaling(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                   cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
 
 
 def _add_recipe_options(p) -> None:
@@ -111,14 +123,11 @@ def _recipe_overrides(args) -> dict:
 
 
 def _run_train(args) -> int:
-    from skincluster.config import Scaling
     from skincluster.train.evaluate import format_summary
     from skincluster.train.launch import resolve_run, run_local, run_ray
 
-    scaling = Scaling(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                      cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
     run = resolve_run(args.model, args.data, storage_dir=args.storage, name=args.name, profile=args.profile,
-                      overrides=_recipe_overrides(args), limit=args.limit, seed=args.seed, scaling=scaling)
+                      overrides=_recipe_overrides(args), limit=args.limit, seed=args.seed, scaling=_scaling(args))
     if args.local and args.workers != 1:
         raise ValueError("--local runs one worker in this process; drop --workers or --local")
     result = run_local(run) if args.local else run_ray(run)
@@ -140,23 +149,16 @@ def _add_compare(sub) -> None:
     p.add_argument("--storage", default="experiments", help="folder or URI for experiments (default ./experiments)")
     p.add_argument("--name", default=None, help="experiment name (default compare-PROFILE); the same name resumes")
     p.add_argument("--models", default=None, help="comma-separated architectures (default: all registered)")
-    p.add_argument("--profile", choices=tuple(PROFILES), default="full")
     p.add_argument("--patience", type=int, default=None,
                    help="early-stopping patience (epochs without val balanced accuracy gain) for recipes that stop early")
     p.add_argument("--scheduler", choices=("plateau", "asha"), default="plateau",
                    help="plateau: each recipe's own early stopping (default); asha: Tune's ASHA on val balanced accuracy")
-    p.add_argument("--limit", type=int, default=None, help="train on N images per model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
-    p.add_argument("--gpus-per-worker", type=float, default=0)
-    p.add_argument("--cpus-per-worker", type=float, default=1)
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
-    _add_recipe_options(p)
+    _add_run_options(p)
     p.set_defaults(func=_run_compare)
 
 
 def _run_compare(args) -> int:
-    from skincluster.config import Scaling
     from skincluster.tune.compare import Comparison, run_comparison
 
     spec = Comparison(
@@ -167,7 +169,7 @@ def _run_compare(args) -> int:
         profile=args.profile,
         patience=args.patience,
         scheduler=args.scheduler,
-        scaling=Scaling(workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker),
+        scaling=_scaling(args),
         overrides=_recipe_overrides(args),
         limit=args.limit,
         seed=args.seed,
