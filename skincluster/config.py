@@ -80,6 +80,9 @@ class Recipe:
     focal_gamma: float = 2.0
     #: float16 compute with a float32 softmax; worth it on GPUs only.
     mixed_precision: bool = False
+    #: Stop after the epoch that exhausts this much training time (None: no limit).
+    #: The `cpu` profile uses it to give every architecture a fair share of a CPU.
+    time_budget_minutes: float | None = None
 
 
 @dataclass(frozen=True)

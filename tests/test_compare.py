@@ -83,7 +83,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_store
     try:
         deadline = time.time() + 420
         while time.time() < deadline:
-            if os.path.exists(finished) and any(n.startswith("checkpoint_epoch") for n in _listdir(os.path.join(runs, "cnn"))):
+            # Ray Train has registered cnn's first checkpoint once its snapshot file exists.
+            if os.path.exists(finished) and os.path.exists(os.path.join(runs, "cnn", "checkpoint_manager_snapshot.json")):
                 break
             assert driver.poll() is None, "the driver ended before it could be killed"
             time.sleep(0.5)
@@ -106,6 +107,3 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_store
     assert state["restarts"] == 1
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
 
-
-def _listdir(path):
-    return os.listdir(path) if os.path.isdir(path) else []

@@ -107,3 +107,12 @@ def test_two_worker_run_survives_a_killed_worker(synthetic_store, tmp_path, ray_
     # 2 replicas x 16 = 32 (one full batch, the rest dropped), which tf.distribute
     # splits into per-replica batches of 16: two steps of 16 per worker.
     assert result.history[0]["steps"] == 2
+
+
+def test_time_budget_stops_after_the_epoch_that_would_overrun_it(synthetic_store, tmp_path):
+    run = resolve_run("nn", synthetic_store, storage_dir=str(tmp_path), name="budget", profile="smoke",
+                      overrides={"epochs": 5, "time_budget_minutes": 1e-6})
+    result = run_local(run, verbose=0)
+    assert len(result.history) == 1
+    assert result.history[-1]["stopped_by_time_budget"] is True
+    assert os.path.exists(os.path.join(result.run_dir, "model.keras"))

@@ -177,8 +177,16 @@ class EpochReporter(keras.callbacks.Callback):
             steps=self._steps,
         )
         stopper = self._early_stopping()
-        final = bool(self.model.stop_training) or epoch + 1 >= self.run.recipe.epochs
         metrics["stopped_early"] = bool(self.model.stop_training)
+        metrics["stopped_by_time_budget"] = False
+        budget = self.run.recipe.time_budget_minutes
+        if budget is not None and not self.model.stop_training:
+            spent = sum(h["epoch_seconds"] for h in self.state["history"]) + seconds
+            # Stop when another epoch like this one would overrun the budget.
+            if spent + seconds > budget * 60:
+                self.model.stop_training = True
+                metrics["stopped_by_time_budget"] = True
+        final = bool(self.model.stop_training) or epoch + 1 >= self.run.recipe.epochs
         if final and stopper is not None and stopper.best_weights is not None:
             self.model.set_weights(stopper.best_weights)
             metrics["best_epoch"] = int(stopper.best_epoch) + 1

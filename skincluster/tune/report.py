@@ -64,7 +64,12 @@ def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[st
             evaluations[model] = evaluation
         last = history[-1] if history else {}
         if evaluation:
-            status = "early stopped" if last.get("stopped_early") else "finished"
+            if last.get("stopped_early"):
+                status = "early stopped"
+            elif last.get("stopped_by_time_budget"):
+                status = "time budget"
+            else:
+                status = "finished"
         elif history:
             status = "stopped by scheduler"
         else:
