@@ -43,3 +43,9 @@ def test_dockerfile_pins_and_runs_as_non_root():
     assert "TF_USE_LEGACY_KERAS=1" in text
     assert '"tensorflow[and-cuda]==2.21.0" "tf-keras==2.21.0"' in text
     assert text.strip().splitlines()[-2].startswith("USER ray")
+
+
+def test_token_authentication_is_on_and_the_token_is_not_in_the_file():
+    config = _config()
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
