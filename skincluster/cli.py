@@ -110,8 +110,9 @@ def _scaling(args):
 def _add_recipe_options(p) -> None:
     p.add_argument("--config", default=None, help="JSON file of recipe overrides, e.g. {\"epochs\": 20}")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override one recipe field, e.g. --set learning_rate=3e-4 --set augmentation.zoom=0.2 "
-                        "--set weights=/path/mobilenet.h5 (repeatable; applied after --config)")
+                   help="override one recipe field, e.g. --set learning_rate=3e-4 --set augmentation.zoom=0.2; "
+                        "prefix a model to apply it to that model only: --set mobilenet:weights=/path/mobilenet.h5 "
+                        "(repeatable; applied after --config)")
 
 
 def _recipe_overrides(args) -> dict:

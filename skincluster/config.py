@@ -216,6 +216,18 @@ def parse_assignments(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def overrides_for_model(overrides: dict[str, Any], model: str) -> dict[str, Any]:
+    """The overrides that apply to `model`: unprefixed keys, then ``model:field`` keys.
+
+    ``{"batch_size": 32, "mobilenet:alpha": 0.75}`` gives mobilenet both and
+    every other model only the batch size, so one comparison can point each
+    backbone at its own weights file.
+    """
+    shared = {k: v for k, v in overrides.items() if ":" not in k}
+    own = {k.split(":", 1)[1]: v for k, v in overrides.items() if k.split(":", 1)[0] == model and ":" in k}
+    return {**shared, **own}
+
+
 def load_overrides(path: str) -> dict[str, Any]:
     """Read recipe overrides from a JSON file: ``{"epochs": 20, "augmentation": {"zoom": 0.2}}``."""
     with open(path, encoding="utf-8") as fh:

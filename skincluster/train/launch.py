@@ -16,7 +16,7 @@ from typing import Any
 
 import skincluster
 from skincluster import storage
-from skincluster.config import PROFILES, DataConfig, Scaling, TrainRun, replace_fields
+from skincluster.config import PROFILES, DataConfig, Scaling, TrainRun, overrides_for_model, replace_fields
 from skincluster.data.store import Store, open_store
 
 #: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
@@ -60,7 +60,7 @@ def resolve_run(
     if prof.max_epochs is not None and recipe.epochs > prof.max_epochs:
         recipe = dataclasses.replace(recipe, epochs=prof.max_epochs)
     recipe = replace_fields(recipe, prof.model_overrides.get(model, {}))
-    recipe = replace_fields(recipe, overrides or {})
+    recipe = replace_fields(recipe, overrides_for_model(overrides or {}, model))
     limit = limit if limit is not None else prof.limit
     counts = store.manifest["counts"]["train"]
     return TrainRun(
@@ -179,14 +179,47 @@ def _ray_storage_path(path: str) -> str:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (or `ray start`), else start a local one."""
+    """Join the cluster in RAY_ADDRESS (or `ray start`), else start a local one.
+
+    A local cluster gets its dashboard on a free port, and every Ray process
+    is told where it is (RAY_API_SERVER_ADDRESS). Ray Train's
+    PlacementGroupCleaner looks the Train controller up through that API; when
+    Tune stops a trial (ASHA, a failed trial actor) the controller dies with
+    it, and the cleaner must remove the workers' placement group. Without an
+    address it searches the host, fails with "Found multiple active Ray
+    instances" whenever another Ray runs on the machine, and each stopped
+    trial then keeps its workers' CPUs for ever, until a later trial waits
+    for ever for them.
+    """
     import ray
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(runtime_env=skincluster.RAY_RUNTIME_ENV, num_cpus=num_cpus)
+        runtime_env = skincluster.RAY_RUNTIME_ENV
+        if "RAY_ADDRESS" in os.environ:
+            ray.init(runtime_env=runtime_env)
+        else:
+            port = _free_port()
+            api = f"http://127.0.0.1:{port}"
+            os.environ["RAY_API_SERVER_ADDRESS"] = api
+            env_vars = {**runtime_env["env_vars"], "RAY_API_SERVER_ADDRESS": api}
+            ray.init(
+                runtime_env={**runtime_env, "env_vars": env_vars},
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+            )
     # Per-block progress bars from every dataset shard drown the epoch lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def check_resources(scaling: Scaling, available: dict[str, float] | None = None) -> None:

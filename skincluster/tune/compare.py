@@ -172,7 +172,9 @@ def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):
             time_attr="training_iteration",
             metric=METRIC,
             mode="max",
-            max_t=max(r.recipe.epochs for r in runs.values()),
+            # One past the longest budget: a trial that completes its epochs must end
+            # by itself (and be evaluated), not be stopped by ASHA at max_t.
+            max_t=max(r.recipe.epochs for r in runs.values()) + 1,
             grace_period=min(5, min(r.recipe.epochs for r in runs.values())),
         )
     raise ValueError(f"unknown scheduler {spec.scheduler!r}: expected plateau or asha")

@@ -1,0 +1,25 @@
+"""Typed config overrides: values from the command line, dotted and per-model keys."""
+
+import pytest
+
+from skincluster.config import Recipe, overrides_for_model, parse_assignments, replace_fields
+
+
+def test_command_line_values_are_typed():
+    recipe = Recipe(learning_rate=1e-4, epochs=50)
+    out = replace_fields(recipe, parse_assignments(
+        ["epochs=5", "augmentation.zoom=0.3", "weights=none", "mixed_precision=true", "class_weight=balanced"]))
+    assert out.epochs == 5 and out.augmentation.zoom == 0.3 and out.weights is None
+    assert out.mixed_precision is True and out.class_weight == "balanced"
+
+
+@pytest.mark.parametrize("bad", [{"epoch": "5"}, {"class_weight": "sometimes"}, {"epochs": "five"}])
+def test_bad_overrides_name_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        replace_fields(Recipe(learning_rate=1e-4, epochs=50), bad)
+
+
+def test_model_prefixed_overrides_apply_to_that_model_only():
+    overrides = {"batch_size": "32", "mobilenet:alpha": "0.75", "mobilenet:batch_size": "8"}
+    assert overrides_for_model(overrides, "mobilenet") == {"batch_size": "8", "alpha": "0.75"}
+    assert overrides_for_model(overrides, "cnn") == {"batch_size": "32"}
