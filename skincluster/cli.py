@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (SourceError, StoreError, ResourceError, RunFailed, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (SourceError, StoreError, ResourceError, RunFailed, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
