@@ -56,7 +56,7 @@ class Comparison:
 def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
     from skincluster.models import list_models
 
-    models = spec.models or tuple(list_models())
+    models = tuple(dict.fromkeys(spec.models)) or tuple(list_models())  # once each, in the given order
     unknown = [m for m in models if m not in list_models()]
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
