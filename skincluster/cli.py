@@ -204,6 +204,52 @@ def _print_report_location(experiment: str) -> None:
     print(f"report: {storage.join(experiment, 'report.md')}")
 
 
+def _add_predict(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="class probabilities for images (research use; not a diagnosis)",
+        description="Decode and resize each image exactly as ingest does, then average the probabilities of "
+                    "the given model(s). Files that cannot be read are reported; the others are still processed.",
+    )
+    p.add_argument("paths", nargs="+", metavar="MODEL.keras... IMAGE_OR_FOLDER...",
+                   help="one or more saved models (.keras or SavedModel folders), then images or folders")
+    p.add_argument("--tta", action="store_true", help="also average horizontal and vertical flips")
+    p.add_argument("--json", default=None, help="write the predictions as JSON to this file")
+    p.add_argument("--csv", default=None, help="write the predictions as CSV to this file")
+    p.set_defaults(func=_run_predict)
+
+
+def _is_model_path(path: str) -> bool:
+    import os
+
+    return path.endswith(".keras") or os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def _run_predict(args) -> int:
+    from skincluster.models import load_model
+    from skincluster.serve.predict import NOT_A_DIAGNOSIS, format_table, predict, to_csv, to_json
+
+    model_paths = [p for p in args.paths if _is_model_path(p)]
+    inputs = [p for p in args.paths if not _is_model_path(p)]
+    if not model_paths:
+        raise ValueError("give at least one model (.keras file or SavedModel folder) before the images")
+    if not inputs:
+        raise ValueError("give at least one image or folder after the model(s)")
+    predictions = predict([load_model(p) for p in model_paths], inputs, tta=args.tta)
+    print(NOT_A_DIAGNOSIS, file=sys.stderr)
+    if predictions.images:
+        print(format_table(predictions))
+    for path, error in predictions.errors:
+        print(f"error: {path}: {error}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            fh.write(to_json(predictions))
+    if args.csv:
+        with open(args.csv, "w", encoding="utf-8") as fh:
+            fh.write(to_csv(predictions))
+    return 1 if predictions.errors else 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the registered architectures and their recipes")
     p.set_defaults(func=_run_models)
@@ -231,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_compare(sub)
     _add_report(sub)
+    _add_predict(sub)
     _add_models(sub)
     return parser
 

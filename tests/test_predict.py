@@ -1,0 +1,87 @@
+"""`skincluster predict`: probabilities per image, ensembles and flips, bad files named."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REAL_DATA
+from skincluster.cli import main as cli_main
+from skincluster.config import CLASS_NAMES
+from skincluster.data.images import decode_image
+from skincluster.serve.predict import predict
+
+from helpers import jpeg_bytes
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    from skincluster.models import create_model
+
+    folder = tmp_path_factory.mktemp("models")
+    paths = []
+    for seed in (1, 2):
+        import tf_keras as keras
+
+        keras.utils.set_random_seed(seed)
+        path = folder / f"nn-{seed}.keras"
+        create_model("nn").save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "a.jpg").write_bytes(jpeg_bytes((200, 120, 90), size=(600, 450)))
+    (folder / "b.png").write_bytes(jpeg_bytes((90, 60, 40), size=(320, 240), fmt="PNG"))
+    (folder / "broken.jpg").write_bytes(os.urandom(3000))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_predict_matches_the_model_on_ingest_pixels(saved_models, images):
+    from skincluster.models import load_model
+
+    model = load_model(saved_models[0])
+    out = predict([model], [str(images / "a.jpg")])
+    with open(images / "a.jpg", "rb") as fh:
+        expected = np.asarray(model(decode_image(fh.read())[None], training=False))
+    np.testing.assert_allclose(out.probabilities, expected, rtol=1e-5)
+
+
+def test_folder_ensemble_and_tta(saved_models, images):
+    from skincluster.models import load_model
+
+    models = [load_model(p) for p in saved_models]
+    out = predict(models, [str(images)], tta=True)
+    assert [os.path.basename(p) for p in out.images] == ["a.jpg", "b.png"]  # the .txt is not an image
+    np.testing.assert_allclose(out.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    single = [predict([m], [str(images)]).probabilities for m in models]
+    assert not np.allclose(out.probabilities, np.mean(single, axis=0))  # flips changed the average
+    assert [os.path.basename(p) for p, _ in out.errors] == ["broken.jpg"]
+
+
+def test_cli_writes_json_and_csv_and_names_bad_files(saved_models, images, tmp_path, capsys):
+    code = cli_main(["predict", saved_models[0], str(images), str(tmp_path / "missing.jpg"),
+                     "--json", str(tmp_path / "p.json"), "--csv", str(tmp_path / "p.csv")])
+    assert code == 1  # some inputs failed; the rest were still predicted
+    captured = capsys.readouterr()
+    assert "NOT A DIAGNOSIS" in captured.err
+    assert "broken.jpg" in captured.err and "missing.jpg" in captured.err
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert len(report["predictions"]) == 2 and report["predictions"][0]["prediction"] in CLASS_NAMES
+    assert (tmp_path / "p.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real HAM10000 not found at {REAL_DATA}")
+def test_predict_on_real_images(saved_models):
+    from skincluster.models import load_model
+
+    folder = REAL_DATA / "HAM10000_images_part_1"
+    files = sorted(str(p) for p in folder.glob("*.jpg"))[:5]
+    out = predict([load_model(saved_models[0])], files)
+    assert len(out.images) == 5 and not out.errors
