@@ -84,17 +84,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
             seed = run.data.seed * 100_003 + epoch_box["epoch"] if train else None
             yield from ctx.batches(split, global_batch, shuffle_seed=seed, drop_last=train)
 
-        ds = tf.data.Dataset.from_generator(
-            generate,
-            output_signature=(
-                tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
-                tf.TensorSpec((None,), tf.int32),
-            ),
-        )
-        options = tf.data.Options()
-        # Ray Data already gave each worker its own shard.
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+        return tf_dataset(generate)
 
     reporter = EpochReporter(run, ctx, checkpoint, callbacks, state, best_weights, epoch_box, global_batch)
     weights = None
@@ -112,6 +102,24 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
         verbose=verbose,
     )
     return reporter.state["history"]
+
+
+def tf_dataset(generate) -> tf.data.Dataset:
+    """uint8 image batches from a generator function, prefetched, not re-sharded.
+
+    `generate` is called afresh for every epoch. Auto-sharding is off because
+    Ray Data already gave each worker its own shard.
+    """
+    ds = tf.data.Dataset.from_generator(
+        generate,
+        output_signature=(
+            tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
+            tf.TensorSpec((None,), tf.int32),
+        ),
+    )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 class EpochReporter(keras.callbacks.Callback):
