@@ -20,6 +20,7 @@ COPY --chown=ray:users jobs ./jobs
 # The project's own pins (ray is already the base image's 2.60.0 and stays so).
 RUN pip install . "ray[default,train,tune,data]==2.60.0"
 
-# The base image's non-root user.
+# The base image's non-root user (rayproject images name it "ray").
+# hadolint ignore=DL3066
 USER ray
 CMD ["skincluster", "--help"]
