@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 import skincluster
 from skincluster import storage
@@ -71,6 +72,7 @@ class IngestResult:
 
 _worker_fs = None
 _worker_zips: dict[str, Any] = {}
+_LEVELS = np.arange(256, dtype=np.int64)
 
 
 def _worker_init(source_root: str) -> None:
@@ -106,8 +108,10 @@ def _decode_chunk(chunk: list[tuple[int, ham10000.ImageLocation]]) -> list[tuple
         except ImageDecodeError as exc:
             out.append((index, None, f"{loc.describe()}: {exc}", md5, None, None))
             continue
-        flat = pixels.reshape(-1, 3).astype(np.int64)
-        out.append((index, pixels.tobytes(), None, md5, flat.sum(axis=0), (flat * flat).sum(axis=0)))
+        # Exact integer channel sums from the 3 x 256 histogram: ~0.07 ms, where
+        # widening the pixels to int64 and summing cost ~1 ms, as much as decoding.
+        hist = np.asarray(Image.fromarray(pixels).histogram(), dtype=np.int64).reshape(3, 256)
+        out.append((index, pixels.tobytes(), None, md5, hist @ _LEVELS, hist @ (_LEVELS * _LEVELS)))
     return out
 
 
