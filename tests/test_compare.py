@@ -61,6 +61,14 @@ def test_report_rebuilds_from_storage_alone(smoke_experiment):
         assert os.path.exists(os.path.join(smoke_experiment, name))
 
 
+def test_experiment_folder_is_absolute_for_relative_storage(tmp_path, monkeypatch):
+    """Seen: `--storage demo/experiments` made Tune fail with "URI has empty scheme"."""
+    monkeypatch.chdir(tmp_path)
+    spec = Comparison(data="store", storage="demo/experiments", name="x")
+    assert spec.experiment_dir == str(tmp_path / "demo" / "experiments" / "x")
+    assert Comparison(data="s", storage="s3://bucket/exp", name="x").experiment_dir == "s3://bucket/exp/x"
+
+
 def test_concurrency_follows_free_resources():
     one = Scaling(workers=1, cpus_per_worker=1)
     assert concurrent_trials(one, {"CPU": 2}) == 1

@@ -50,7 +50,8 @@ class Comparison:
 
     @property
     def experiment_dir(self) -> str:
-        return storage.join(self.storage, self.name)
+        # Absolute: Ray Tune reads a relative path as a URI with an empty scheme.
+        return storage.join(_absolute(self.storage), self.name)
 
 
 def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
@@ -150,7 +151,7 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
             ),
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=_absolute(spec.experiment_dir),
+                storage_path=spec.experiment_dir,
                 verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
