@@ -32,6 +32,11 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray processes run in other folders); URIs unchanged."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts the way the base's filesystem expects (URIs use '/')."""
     if is_uri(base):

@@ -69,6 +69,16 @@ def test_experiment_folder_is_absolute_for_relative_storage(tmp_path, monkeypatc
     assert Comparison(data="s", storage="s3://bucket/exp", name="x").experiment_dir == "s3://bucket/exp/x"
 
 
+def test_runs_use_absolute_paths_for_relative_arguments(synthetic_store, monkeypatch):
+    """Seen: Tune trials run in their own folder, where `--data demo/store` did not exist."""
+    from skincluster.train.launch import resolve_run
+
+    parent, name = os.path.split(synthetic_store)
+    monkeypatch.chdir(parent)
+    run = resolve_run("nn", name, storage_dir="runs", profile="smoke")
+    assert run.data.store == synthetic_store and run.storage == os.path.join(parent, "runs")
+
+
 def test_concurrency_follows_free_resources():
     one = Scaling(workers=1, cpus_per_worker=1)
     assert concurrent_trials(one, {"CPU": 2}) == 1

@@ -63,6 +63,8 @@ def resolve_run(
     recipe = replace_fields(recipe, overrides_for_model(overrides or {}, model))
     limit = limit if limit is not None else prof.limit
     counts = store.manifest["counts"]["train"]
+    # Absolute, so the run reads and writes the same folders from any process.
+    store_uri, storage_dir = storage.absolute(store_uri), storage.absolute(storage_dir)
     return TrainRun(
         model=model,
         recipe=recipe,
@@ -156,7 +158,7 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
         ),
         run_config=ray.train.RunConfig(
             name=run.name,
-            storage_path=_ray_storage_path(run.storage),
+            storage_path=storage.absolute(run.storage),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=run_config_callbacks or [],
@@ -172,10 +174,6 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
         with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as fh:
             history = json.load(fh)["history"]
         return _finish(run, history, os.path.join(folder, FINAL_MODEL))
-
-
-def _ray_storage_path(path: str) -> str:
-    return path if storage.is_uri(path) else os.path.abspath(path)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from skincluster import storage
 from skincluster.config import Scaling, TrainRun
 from skincluster.data.store import open_store
-from skincluster.train.launch import DATA_CPU_RESERVE, ResourceError, ensure_ray, resolve_run
+from skincluster.train.launch import DATA_CPU_RESERVE, ResourceError, RunFailed, ensure_ray, resolve_run
 
 #: CPU held by each trial's own process: it only waits on the Train run and then
 #: evaluates the final model, so a small share is enough.
@@ -51,7 +50,7 @@ class Comparison:
     @property
     def experiment_dir(self) -> str:
         # Absolute: Ray Tune reads a relative path as a URI with an empty scheme.
-        return storage.join(_absolute(self.storage), self.name)
+        return storage.join(storage.absolute(self.storage), self.name)
 
 
 def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
@@ -156,8 +155,14 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
                 failure_config=tune.FailureConfig(max_failures=1),
             ),
         )
-    tuner.fit()
+    results = tuner.fit()
     build_report(spec.experiment_dir)
+    failed = [(r.config or {}).get("model", str(r.path)) for r in results if r.error is not None]
+    if failed:
+        raise RunFailed(
+            f"{len(failed)} trial(s) failed: {', '.join(failed)}; the report in {spec.experiment_dir} "
+            "shows the others. Tune's error files are listed above; run the same command again to retry."
+        )
     return spec.experiment_dir
 
 
@@ -179,7 +184,3 @@ def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):
             grace_period=min(5, min(r.recipe.epochs for r in runs.values())),
         )
     raise ValueError(f"unknown scheduler {spec.scheduler!r}: expected plateau or asha")
-
-
-def _absolute(path: str) -> str:
-    return path if storage.is_uri(path) else os.path.abspath(path)
