@@ -5,7 +5,8 @@ hand batches of ``--batch-size`` (32) uint8 images to TensorFlow:
 
 (a) raw read: ``pyarrow.parquet.read_table`` of each train shard file plus
     ``store.images_from_column`` (``np.frombuffer`` on the image column) --
-    the rate at which the store can be read at all;
+    the rate at which the store can be read at all (page cache warm; zstd
+    decoding and a fresh allocation every time; ``--raw-passes`` passes);
 (b) local path (``--local`` training): ``pipeline.read_arrays`` once, then
     every epoch ``pipeline.array_batches(..., shuffle_seed=epoch,
     drop_last=True)`` through the same ``tf.data.Dataset.from_generator(...)
@@ -23,8 +24,11 @@ The tf.data dataset is drained the way ``model.fit`` drains it: a
 and the steady state (epochs 2..N, images over seconds) are reported apart.
 
 ``--variants`` adds Ray-path prototypes of changes to ``pipeline.ray_batches``
-(monkeypatched inside the worker here, the package is not edited): see
-``RAY_VARIANTS``. Each variant runs in its own ``TensorflowTrainer.fit``.
+and to the tf.data construction (defined here and swapped in inside the
+worker; the package is not edited): see ``RAY_VARIANTS``. Each variant runs
+in its own ``TensorflowTrainer.fit``. ``rebatch_256`` (the generator yields 8
+batches at a time and ``tf.data.Dataset.rebatch(32)`` cuts them back) is
+measured on the local path too.
 
 Usage (from the repository root; the store comes from ``skincluster ingest``)::
 
