@@ -19,6 +19,7 @@ import hashlib
 import multiprocessing
 import os
 import posixpath
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,13 +28,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 import skincluster
 from skincluster import storage
 from skincluster.config import CLASS_NAMES, IMAGE_SHAPE
-from skincluster.data import ham10000, store
-from skincluster.data.images import RESAMPLE, ImageDecodeError, decode_image
+from skincluster.data import decode_worker, ham10000, store
+from skincluster.data.images import RESAMPLE
 from skincluster.data.splits import DEFAULT_FRACTIONS, SPLITS, assign_splits
 from skincluster.progress import Progress
 
@@ -70,74 +70,42 @@ class IngestResult:
 
 # --------------------------------------------------------------------------- decoding
 
-_worker_fs = None
-_worker_zips: dict[str, Any] = {}
-_LEVELS = np.arange(256, dtype=np.int64)
-
-
-def _worker_init(source_root: str) -> None:
-    global _worker_fs
-    _worker_fs, _ = storage.resolve(source_root)
-
-
-def _read(loc: ham10000.ImageLocation) -> bytes:
-    # Each process keeps its zip files open: re-reading the central directory
-    # of a 2.6 GB zip for every member would dominate the decode time.
-    if loc.member is None:
-        return storage.read_bytes(_worker_fs, loc.path)
-    import zipfile
-
-    archive = _worker_zips.get(loc.path)
-    if archive is None:
-        archive = _worker_zips[loc.path] = zipfile.ZipFile(_worker_fs.open_input_file(loc.path))
-    return archive.read(loc.member)
-
-
-def _decode_chunk(chunk: list[tuple[int, ham10000.ImageLocation]]) -> list[tuple]:
-    """(index, pixels bytes | None, error | None, md5, channel sums, channel sums of squares)."""
-    out = []
-    for index, loc in chunk:
-        try:
-            data = _read(loc)
-        except (OSError, KeyError) as exc:
-            out.append((index, None, f"cannot read {loc.describe()}: {exc}", "", None, None))
-            continue
-        md5 = hashlib.md5(data).hexdigest()
-        try:
-            pixels = decode_image(data)
-        except ImageDecodeError as exc:
-            out.append((index, None, f"{loc.describe()}: {exc}", md5, None, None))
-            continue
-        # Exact integer channel sums from the 3 x 256 histogram: ~0.07 ms, where
-        # widening the pixels to int64 and summing cost ~1 ms, as much as decoding.
-        hist = np.asarray(Image.fromarray(pixels).histogram(), dtype=np.int64).reshape(3, 256)
-        out.append((index, pixels.tobytes(), None, md5, hist @ _LEVELS, hist @ (_LEVELS * _LEVELS)))
-    return out
-
-
 def _decode_all(
     source_root: str, locations: list[ham10000.ImageLocation], workers: int, progress: Progress
-) -> list[tuple]:
-    tasks = list(enumerate(locations))
+) -> tuple[list[tuple], np.ndarray]:
+    """Per-image (index, error | None, md5, sums, sums of squares), and the (n, h, w, 3) images."""
+    tasks = [(i, loc.path, loc.member) for i, loc in enumerate(locations)]
+    shape = (len(tasks), *IMAGE_SHAPE)
     chunk_size = 32
     chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
     results: list[tuple] = [None] * len(tasks)  # type: ignore[list-item]
     if workers <= 1 or len(tasks) < 4 * chunk_size:
-        _worker_init(source_root)
-        for chunk in chunks:
-            for item in _decode_chunk(chunk):
-                results[item[0]] = item
-            progress.advance(len(chunk))
-        _worker_zips.clear()
-        return results
-    # spawn, not fork: the parent may hold pyarrow/Ray threads, which fork can deadlock.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(source_root,)) as pool:
-        for batch in pool.imap_unordered(_decode_chunk, chunks):
-            for item in batch:
-                results[item[0]] = item
-            progress.advance(len(batch))
-    return results
+        images = np.empty(shape, dtype=np.uint8)
+        decode_worker.init(source_root, images)
+        try:
+            for chunk in chunks:
+                for item in decode_worker.decode_chunk(chunk):
+                    results[item[0]] = item
+                progress.advance(len(chunk))
+        finally:
+            decode_worker.close()
+        return results, images
+    # Workers write pixels straight into a memory-mapped file: pickling 37.5 kB per
+    # image through the pool's pipe was serial work in the parent. A file in the
+    # temp folder rather than /dev/shm, which containers often cap at 64 MB.
+    with tempfile.TemporaryDirectory(prefix="skincluster-ingest-") as scratch:
+        path = os.path.join(scratch, "pixels.u8")
+        np.memmap(path, dtype=np.uint8, mode="w+", shape=shape).flush()
+        # spawn, not fork: the parent may hold pyarrow/Ray threads, which fork can deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, initializer=decode_worker.init, initargs=(source_root, (path, shape))) as pool:
+            for batch in pool.imap_unordered(decode_worker.decode_chunk, chunks):
+                for item in batch:
+                    results[item[0]] = item
+                progress.advance(len(batch))
+        # One copy into memory, so that the scratch file can go now.
+        images = np.array(np.memmap(path, dtype=np.uint8, mode="r", shape=shape))
+    return results, images
 
 
 # --------------------------------------------------------------------------- ingest
@@ -166,19 +134,19 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
 
     workers = options.workers or os.cpu_count() or 1
     progress = Progress("decoding", total=len(rows), unit="images")
-    decoded = _decode_all(source, [listing.images[i] for i in rows["image_id"]], workers, progress)
+    decoded, images = _decode_all(source, [listing.images[i] for i in rows["image_id"]], workers, progress)
     progress.close()
     decode_seconds = progress.elapsed
 
-    ok = np.array([d[2] is None for d in decoded], dtype=bool)
+    ok = np.array([d[1] is None for d in decoded], dtype=bool)
     for r, i, d in zip(rows["row"], rows["image_id"], decoded):
-        if d[2] is not None:
-            quarantine.append({"row": int(r), "image_id": i, "reason": d[2]})
-    md5 = [d[3] for d in decoded]
+        if d[1] is not None:
+            quarantine.append({"row": int(r), "image_id": i, "reason": d[1]})
+    md5 = [d[2] for d in decoded]
     rows["source_md5"] = md5
-    pixels = [d[1] for d in decoded if d[2] is None]
-    sums = np.array([d[4] for d in decoded if d[2] is None]).reshape(-1, 3)
-    sums_sq = np.array([d[5] for d in decoded if d[2] is None]).reshape(-1, 3)
+    pixels = images if ok.all() else images[ok]
+    sums = np.array([d[3] for d in decoded if d[1] is None]).reshape(-1, 3)
+    sums_sq = np.array([d[4] for d in decoded if d[1] is None]).reshape(-1, 3)
     good = rows.loc[ok].reset_index(drop=True)
     quarantine.sort(key=lambda q: q["row"])
 
@@ -218,7 +186,7 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
         part = good.iloc[sel]
         # Missing values are NaN in pandas and must be nulls in Parquet.
         columns = {c: [None if pd.isna(v) else v for v in part[c].tolist()] for c in store.METADATA_COLUMNS}
-        table = store.shard_table(columns, [pixels[i] for i in sel])
+        table = store.shard_table(columns, pixels[sel])
         for f in store.write_shards(dest_fs, folder, split, table):
             files.append({"path": f"{store.SHARDS_DIR}/{ingest_id}/{f['name']}", "split": split, "rows": f["rows"]})
 
