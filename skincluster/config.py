@@ -75,7 +75,8 @@ class Recipe:
     weights: str | None = "imagenet"
     #: MobileNet width multiplier (the shared offline weights are alpha 0.75).
     alpha: float = 1.0
-    class_weight: Literal["none", "balanced"] = "none"
+    #: "balanced": inverse class frequency; "sqrt": its square root (see models.training.class_weights).
+    class_weight: Literal["none", "balanced", "sqrt"] = "none"
     loss: Literal["crossentropy", "focal"] = "crossentropy"
     focal_gamma: float = 2.0
     #: float16 compute with a float32 softmax; worth it on GPUs only.

@@ -403,6 +403,10 @@ def test_balanced_class_weights_match_sklearn():
     assert weights[3] == 1.0  # no sample: never used, but Keras wants every key
     assert sorted(weights) == [0, 1, 2, 3, 4]
     assert class_weights(labels, num_classes=5, mode="none") is None
+    # "sqrt" is the square root of the balanced weight, class by class; order is kept.
+    sqrt = class_weights(labels, num_classes=5, mode="sqrt")
+    assert [sqrt[c] for c in range(5)] == pytest.approx([weights[c] ** 0.5 for c in range(5)])
+    assert sqrt[0] < sqrt[4] < sqrt[1] < sqrt[2]
     with pytest.raises(ValueError):
         class_weights(labels, num_classes=5, mode="inverse")
 

@@ -88,9 +88,9 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
 
     reporter = EpochReporter(run, ctx, checkpoint, callbacks, state, best_weights, epoch_box, global_batch)
     weights = None
-    if run.recipe.class_weight == "balanced" and run.train_class_counts:
+    if run.recipe.class_weight != "none" and run.train_class_counts:
         counts = np.asarray(run.train_class_counts)
-        weights = class_weights(np.repeat(np.arange(num_classes), counts), num_classes, "balanced")
+        weights = class_weights(np.repeat(np.arange(num_classes), counts), num_classes, run.recipe.class_weight)
     epochs = run.recipe.epochs
     model.fit(
         dataset("train", train=True),
