@@ -41,13 +41,14 @@ import io
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+
+from common import load1, machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SOURCE = os.path.join(REPO, "..", "shared", "data", "ham10000-200x150")
@@ -182,10 +183,6 @@ def skincluster_ingest(root: str, workers: int | None) -> dict:
 # --------------------------------------------------------------------------- reporting
 
 
-def load1() -> float:
-    return os.getloadavg()[0]
-
-
 def _cpu_seconds() -> tuple[float, float]:
     """(CPU seconds used by the whole machine, by this process and its reaped children)."""
     import resource
@@ -232,36 +229,6 @@ def measure(fn, wait: float, max_other: float, retries: int) -> dict:
         if r["other_cores"] <= max_other:
             break
     return r
-
-
-def machine() -> dict:
-    import numpy
-    import PIL
-    import pyarrow
-    from PIL import features
-
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal"):
-                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "ram": ram,
-        "python": platform.python_version(),
-        "pillow": PIL.__version__,
-        "libjpeg_turbo": features.version("libjpeg_turbo") or "no",
-        "pyarrow": pyarrow.__version__,
-        "numpy": numpy.__version__,
-    }
 
 
 def run_resolution(name: str, root: str, repeat: int, wait: float = 0.0, max_other: float = float("inf"),
@@ -356,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.subset is not None and args.subset < 1:
         parser.error("--subset must be at least 1")
 
-    info = machine()
+    info = machine("pillow", "pyarrow", "numpy")
     import skincluster.data.ingest as ingest_module
 
     info["skincluster_ingest"] = ingest_module.__file__

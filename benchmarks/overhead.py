@@ -49,10 +49,8 @@ order of the modes alternates, and the 1-minute load is recorded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -60,38 +58,13 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
+from common import load1, machine, wait_for_quiet
+
 import skincluster  # noqa: F401  (pins tf-keras before TensorFlow is imported)
 
 TIMES_ENV = "SKINCLUSTER_BENCH_REPORT_TIMES"
 ROOT_ENV = "SKINCLUSTER_BENCH_ROOT_PID"
 TARGET_OVERHEAD = 0.10
-
-
-def load1() -> float:
-    return os.getloadavg()[0]
-
-
-def machine() -> dict:
-    import numpy
-    import pyarrow
-    import ray
-    import tensorflow as tf
-
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal"):
-                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram": ram, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
-            "numpy": numpy.__version__}
 
 
 # --------------------------------------------------------------------------- report timestamps
@@ -294,14 +267,6 @@ def measure(mode: str, store_uri: str, store, args, storage: str, times_path: st
     }
 
 
-def wait_for_quiet(max_load: float, max_wait: float) -> float:
-    deadline = time.time() + max_wait
-    while load1() >= max_load and time.time() < deadline:
-        print(f"  load {load1():.2f} >= {max_load}: waiting", flush=True)
-        time.sleep(20)
-    return load1()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a skincluster store (from `skincluster ingest`)")
@@ -338,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             "Create one first, e.g.: /work/venv/bin/skincluster ingest ../shared/data/ham10000-200x150 /tmp/bench-store"
         ) from None
     store_uri = os.path.abspath(args.data)
-    info = machine()
+    info = machine("tensorflow", "ray", "pyarrow", "numpy")
     print(f"machine: {info['nproc']} x {info['cpu']}, {info['ram']} RAM; Python {info['python']}, "
           f"TensorFlow {info['tensorflow']}, Ray {info['ray']}, pyarrow {info['pyarrow']}, numpy {info['numpy']}")
     print(f"run: {args.model}, profile cpu, {args.epochs} epochs, limit {args.limit} training images")
@@ -395,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, key, fmt in rows:
         cells = " | ".join(f"{fmt.format(summary[m][key])} | {summary[m][key] / lo[key]:.2f}" for m in others)
         print(f"| {label} | {fmt.format(lo[key])} | {cells} |")
-    print(f"| ray.init (once per process, s) | - | " + " | ".join(f"{ray_init_seconds:.1f} | -" for _ in others) + " |")
+    print("| ray.init (once per process, s) | - | " + " | ".join(f"{ray_init_seconds:.1f} | -" for _ in others) + " |")
     parts = [("materialize_datasets", "ray_datasets (materialize)"), ("trainer_to_train_fn", "trainer start to train func"),
              ("worker_imports", "train func imports skincluster.train.worker"), ("model_build_to_epoch1", "model build etc. to epoch 1")]
     for key, label in parts:

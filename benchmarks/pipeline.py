@@ -43,15 +43,15 @@ average is printed around every measurement.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+
+from common import load1, machine, wait_for_quiet
 
 import skincluster  # noqa: F401  (pins tf-keras before TensorFlow is imported)
 
@@ -60,40 +60,6 @@ TARGET_RAY_SHARE_OF_RAW = 0.5
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def load1() -> float:
-    return os.getloadavg()[0]
-
-
-def machine() -> dict:
-    import numpy
-    import pyarrow
-    import ray
-    import tensorflow as tf
-
-    cpu = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemTotal"):
-                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "ram": ram,
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "ray": ray.__version__,
-        "pyarrow": pyarrow.__version__,
-        "numpy": numpy.__version__,
-    }
 
 
 def open_or_exit(path: str):
@@ -377,15 +343,6 @@ def measure_ray(store, epochs: int, batch_size: int, variant: str, storage: str,
 # --------------------------------------------------------------------------- driver
 
 
-def wait_for_quiet(max_load: float, max_wait: float) -> float:
-    """Wait (up to max_wait s) for the 1-minute load to fall below max_load; return it."""
-    deadline = time.time() + max_wait
-    while load1() >= max_load and time.time() < deadline:
-        print(f"  load {load1():.2f} >= {max_load}: waiting", flush=True)
-        time.sleep(20)
-    return load1()
-
-
 def med(values) -> float:
     return statistics.median(values)
 
@@ -414,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
     store = open_or_exit(args.data)
-    info = machine()
+    info = machine("tensorflow", "ray", "pyarrow", "numpy")
     print(f"machine: {info['nproc']} x {info['cpu']}, {info['ram']} RAM; Python {info['python']}, "
           f"TensorFlow {info['tensorflow']}, Ray {info['ray']}, pyarrow {info['pyarrow']}, numpy {info['numpy']}")
     print(f"store: {args.data}, train split {store.count('train'):,} images in {len(store.split_files('train'))} files")
