@@ -1,9 +1,12 @@
 """Local paths and remote URIs (s3://, gs://, ...) behind one pyarrow filesystem API.
 
 Everything that reads or writes a store or an experiment goes through here, so
-a path can always be swapped for a bucket. S3-compatible servers (MinIO, a
-test server on loopback) are reached with the usual ``AWS_ENDPOINT_URL``
-variable or an ``?endpoint_override=`` query on the URI.
+a path can always be swapped for a bucket. Which S3 endpoint, region and
+credentials a ``s3://`` URI means comes from the AWS SDK's usual settings
+(``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3`` for MinIO or a test server,
+``AWS_REGION``, an instance profile or a credentials file), not from the URI:
+paths are joined under a store or experiment root, and a ``?endpoint_override=``
+query on the root would end up in the middle of every joined path.
 """
 
 from __future__ import annotations
@@ -15,6 +18,32 @@ import uuid
 from typing import Any
 
 import pyarrow.fs as pafs
+
+
+#: S3 settings that the driver hands to every Ray worker it starts (see `worker_env`).
+#: Deliberately no secrets: a job's runtime_env is shown in the Ray dashboard, so keys
+#: travel as a credentials *file* path or come from each node's own instance profile.
+S3_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+def worker_env() -> dict[str, str]:
+    """The S3 settings of this process, for Ray workers (runtime_env env_vars).
+
+    A Ray job's workers inherit the environment of the raylet on their node,
+    not the driver's: without this, a driver pointed at an S3-compatible
+    endpoint would start Tune trials and Train workers that look for the
+    bucket on AWS.
+    """
+    return {k: os.environ[k] for k in S3_ENV_VARS if k in os.environ}
 
 
 def is_uri(path: str) -> bool:

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -35,3 +36,94 @@ def ray_session():
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+class S3Server:
+    """A moto S3 server on loopback, in its own process, and the settings that reach it."""
+
+    def __init__(self, endpoint: str, credentials_file: str) -> None:
+        self.endpoint = endpoint
+        # What a user sets for an S3-compatible server (README "Cloud storage"); no keys
+        # in the environment itself: the shared credentials file holds moto's dummies.
+        self.env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_SHARED_CREDENTIALS_FILE": credentials_file,
+            "AWS_REGION": "us-east-1",
+            # Never wait on the EC2 metadata service for credentials or a region.
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, scheme="http", region="us-east-1",
+                                 access_key="testing", secret_key="testing", allow_bucket_creation=True)
+
+    def new_bucket(self, prefix: str = "b") -> str:
+        import uuid
+
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.filesystem().create_dir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto in server mode on a free loopback port, started and stopped by the tests.
+
+    A subprocess, not moto's in-process ThreadedMotoServer: Ray workers in other
+    processes (and other nodes) must reach it whatever this process is doing,
+    and it must not compete for this process's GIL with TensorFlow. It runs as
+    `python -m moto.server` from this interpreter, so the moto in the test
+    environment is the one used (a `moto_server` found first on PATH can be
+    another install: moto 5.2.1 answers CompleteMultipartUpload with the wrong
+    XML root and every pyarrow write then fails with INTERNAL_FAILURE,
+    getmoto/moto#10055).
+    """
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from skincluster.train.launch import _free_port
+
+    root = tmp_path_factory.mktemp("s3")
+    credentials = root / "credentials"
+    credentials.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    port = _free_port()
+    log = open(root / "moto.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"moto server exited with {server.returncode}: {(root / 'moto.log').read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"moto server on {endpoint} did not answer within 60 s")
+                time.sleep(0.2)
+        yield S3Server(endpoint, str(credentials))
+    finally:
+        # Its own process group: this stops the server and nothing else.
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This process pointed at the loopback S3 server, as a user's shell would be."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    return s3_server

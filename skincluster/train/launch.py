@@ -194,6 +194,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if not ray.is_initialized():
         runtime_env = skincluster.RAY_RUNTIME_ENV
+        # The driver's S3 endpoint/region reach every worker of this job (storage.worker_env).
+        runtime_env = {**runtime_env, "env_vars": {**storage.worker_env(), **runtime_env["env_vars"]}}
         if "RAY_ADDRESS" in os.environ:
             ray.init(runtime_env=runtime_env)
         else:
