@@ -250,6 +250,62 @@ def _run_predict(args) -> int:
     return 1 if predictions.errors else 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a model (or the average of several) as .keras, SavedModel and TFLite (float32/float16/int8)",
+        description="Write MODEL (several: their ensemble average) into DIR as model.keras, saved_model/ "
+                    "(serving signature: uint8 images (None,100,125,3) -> 7 probabilities) and TFLite files; "
+                    "with --data, calibrate the int8 file on train images and compare every format on the "
+                    "test split. The report goes to DIR/export.json.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help=".keras file(s) or SavedModel folder(s)")
+    p.add_argument("--out", required=True, help="local folder to write into (created)")
+    p.add_argument("--data", default=None,
+                   help="store (from `skincluster ingest`): int8 calibration images and test-split evaluation")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on a seeded subset of the test split (in proportion to N training images, "
+                        "as `train --limit`)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from skincluster.serve.export import export, format_report
+
+    report = export(args.models, args.out, store_uri=args.data, limit=args.limit, seed=args.seed)
+    print(format_report(report))
+    return 0
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="Grad-CAM heatmap of where a model looked, overlaid on the image",
+        description="Decode IMAGE as ingest does, compute a Grad-CAM heatmap for the predicted class (or --class) "
+                    "on the model's last convolutional feature map (input-gradient saliency for `nn`, which has "
+                    "none), and write it over the image as a PNG of the image's own size.",
+    )
+    p.add_argument("model", help=".keras file or SavedModel folder")
+    p.add_argument("image", help="image file (.jpg/.png)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                   help="explain this class instead of the predicted one (akiec, bcc, bkl, df, mel, nv, vasc)")
+    p.set_defaults(func=_run_explain)
+
+
+def _run_explain(args) -> int:
+    from skincluster.serve.explain import class_index_of, explain_file, format_explanation, read_image
+    from skincluster.serve.export import load_models
+
+    class_index_of(args.class_name)  # a typo in --class fails before the model is loaded
+    read_image(args.image)  # ... and so does an unreadable image
+    (model,) = load_models([args.model])
+    result = explain_file(model, args.image, args.out, args.class_name)
+    print(format_explanation(result, args.image, args.out))
+    return 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list the registered architectures and their recipes")
     p.set_defaults(func=_run_models)
@@ -278,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_report(sub)
     _add_predict(sub)
+    _add_export(sub)
+    _add_explain(sub)
     _add_models(sub)
     return parser
 
