@@ -135,17 +135,29 @@ PROFILES = {
     ),
     # A CPU box (2-8 cores): every model gets a fixed slice of training time
     # rather than an epoch count, so slow backbones are not starved by fast
-    # ones; balanced class weights because balanced accuracy is the headline.
+    # ones. Square-rooted class weights: balanced weights bought balanced
+    # accuracy with too much accuracy on the real data (0.64). Early stopping
+    # everywhere, so the weights evaluated are those of the best validation
+    # balanced accuracy, not of whichever epoch the budget ended on.
     "cpu": Profile(
         "cpu",
         max_epochs=None,
         limit=None,
-        recipe_overrides={"batch_size": 32, "class_weight": "balanced", "time_budget_minutes": 6},
+        recipe_overrides={
+            "batch_size": 32,
+            "class_weight": "sqrt",
+            "time_budget_minutes": 6,
+            "early_stopping_patience": 8,
+        },
         model_overrides={
             "nn": {"time_budget_minutes": 3},
-            "mobilenet": {"time_budget_minutes": 12},
-            # lr 1e-3 with balanced class weights collapsed to one class here.
-            "mobilenet_enhanced": {"time_budget_minutes": 12, "learning_rate": 3e-4, "early_stopping_patience": 4},
+            # Measured on the real data (2 cores): fine-tuning the whole MobileNet
+            # reached validation balanced accuracy 0.60 in 13 epochs, where the
+            # study's last 23 layers reached 0.49 in 22.
+            "mobilenet": {"time_budget_minutes": 25, "trainable_layers": None},
+            # lr 1e-3 with balanced class weights collapsed to one class here, and
+            # 3e-4 diverged (validation loss 3 to 8.6).
+            "mobilenet_enhanced": {"time_budget_minutes": 15, "learning_rate": 1e-4, "early_stopping_patience": 6},
         },
     ),
     "full": Profile("full", max_epochs=None, limit=None),
