@@ -321,18 +321,24 @@ def export(
                 row["agreement_with_keras"] = float(np.mean(probs.argmax(1) == reference.argmax(1)))
                 row["max_probability_difference"] = float(np.max(np.abs(probs - reference)))
             report.evaluation[fmt] = row
-        keras_bal = report.evaluation["keras"]["balanced_accuracy"]
-        for fmt, row in report.evaluation.items():
-            cost = keras_bal - row["balanced_accuracy"]
-            row["balanced_accuracy_cost"] = cost
-            if fmt != "keras" and cost > MAX_BALANCED_ACCURACY_COST:
-                report.warnings.insert(0,
-                    f"QUANTISATION COST: {fmt} loses {100 * cost:.1f} points of balanced accuracy "
-                    f"(Keras {keras_bal:.3f} -> {row['balanced_accuracy']:.3f}) on {len(labels)} test images")
+        report.warnings[:0] = quantisation_costs(report.evaluation, len(labels))
     with open(os.path.join(out_dir, REPORT_FILE), "w", encoding="utf-8") as fh:
         json.dump(report.to_dict(), fh, indent=2)
         fh.write("\n")
     return report
+
+
+def quantisation_costs(evaluation: dict[str, dict[str, Any]], n_images: int) -> list[str]:
+    """Set each format's ``balanced_accuracy_cost`` (points lost against Keras); warn above 1 point."""
+    keras_bal = evaluation["keras"]["balanced_accuracy"]
+    warnings_ = []
+    for fmt, row in evaluation.items():
+        cost = keras_bal - row["balanced_accuracy"]
+        row["balanced_accuracy_cost"] = cost
+        if fmt != "keras" and cost > MAX_BALANCED_ACCURACY_COST:
+            warnings_.append(f"QUANTISATION COST: {fmt} loses {100 * cost:.1f} points of balanced accuracy "
+                             f"(Keras {keras_bal:.3f} -> {row['balanced_accuracy']:.3f}) on {n_images} test images")
+    return warnings_
 
 
 def format_report(report: ExportReport) -> str:

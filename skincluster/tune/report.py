@@ -4,10 +4,17 @@ Reads ``experiment.json`` and each ``runs/<model>/`` (history, evaluation);
 a trial stopped by the scheduler before it finished has no evaluation, and its
 curves come from the metrics Tune recorded. Writes results.csv, results.md,
 report.md, curves/*.png, confusion/*.png and best/model.keras.
+
+The leaderboard (results.md, report.md) also has an **ensemble** row: the two
+architectures with the best validation balanced accuracy among the trials
+that saved a final model, their probabilities averaged, evaluated on the same
+test split. It is cached in ``ensemble/evaluation.json`` (recomputed only when
+a member's evaluation changes). results.csv keeps one row per trial.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -26,6 +33,10 @@ from skincluster import storage
 STUDY_REPORTED = {
     "mobilenet_enhanced": {"test_accuracy": 0.83, "epochs": 500, "hours": 18.0},
 }
+
+#: Members of the ensemble row: the best architectures by validation balanced accuracy.
+ENSEMBLE_SIZE = 2
+ENSEMBLE_STATUS = "ensemble"
 
 COLUMNS = [
     "model", "status", "epochs_run", "epoch_budget", "train_minutes", "images_per_second",
@@ -130,6 +141,13 @@ def build_report(experiment_dir: str) -> dict[str, Any]:
     for model, evaluation in evaluations.items():
         _save_png(fs, f"{root}/confusion/{model}.png", _confusion_figure(model, evaluation))
 
+    ensemble_row, ensemble_note = ensemble(experiment_dir, experiment, evaluations)
+    if ensemble_row is not None:
+        leaderboard = pd.concat([table, pd.DataFrame([ensemble_row]).reindex(columns=COLUMNS)], ignore_index=True)
+        leaderboard = leaderboard.sort_values("balanced_accuracy", ascending=False, na_position="last")
+        results_md = _markdown_table(leaderboard.reset_index(drop=True))
+        storage.write_bytes_atomic(fs, f"{root}/results.md", (results_md + "\n").encode())
+
     best = best_model(table, evaluations)
     if best:
         src = f"{root}/runs/{best}/model.keras"
@@ -137,9 +155,88 @@ def build_report(experiment_dir: str) -> dict[str, Any]:
             storage.write_bytes_atomic(fs, f"{root}/best/model.keras", storage.read_bytes(fs, src))
             storage.write_json_atomic(fs, f"{root}/best/best.json", {"model": best, "chosen_by": "val balanced accuracy",
                                                                       "evaluation": evaluations[best]})
-    report = _report_markdown(experiment, table, results_md, histories, evaluations, best)
+    report = _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note)
     storage.write_bytes_atomic(fs, f"{root}/report.md", report.encode())
-    return {"experiment": experiment_dir, "best": best, "rows": len(table), "report": storage.join(experiment_dir, "report.md")}
+    return {"experiment": experiment_dir, "best": best, "rows": len(table), "ensemble": ensemble_note,
+            "report": storage.join(experiment_dir, "report.md")}
+
+
+def ensemble_members(experiment_dir: str, evaluations: dict[str, dict]) -> list[str]:
+    """Trials with a final model, best validation balanced accuracy first (test is for reporting only)."""
+    fs, root = storage.resolve(experiment_dir)
+    scored = []
+    for model, evaluation in evaluations.items():
+        score = (evaluation.get("val") or {}).get("balanced_accuracy")
+        if score is None or math.isnan(score) or not storage.exists(fs, f"{root}/runs/{model}/model.keras"):
+            continue
+        scored.append((-score, model))
+    return [model for _, model in sorted(scored)]
+
+
+def ensemble(experiment_dir: str, experiment: dict, evaluations: dict[str, dict]) -> tuple[dict | None, str]:
+    """(the leaderboard row of the best two models averaged, or None; a sentence saying which or why not)."""
+    members = ensemble_members(experiment_dir, evaluations)
+    if len(members) < ENSEMBLE_SIZE:
+        return None, (f"No ensemble row: {len(members)} trial(s) finished with a saved model and a validation score; "
+                      f"averaging needs {ENSEMBLE_SIZE}.")
+    members = members[:ENSEMBLE_SIZE]
+    runs = [experiment["runs"][m]["data"] for m in members]
+    if any((r["store"], r["limit"], r["seed"]) != (runs[0]["store"], runs[0]["limit"], runs[0]["seed"]) for r in runs):
+        return None, f"No ensemble row: {' and '.join(members)} were evaluated on different data."
+    fs, root = storage.resolve(experiment_dir)
+    # The cache is keyed on the members' own evaluations: a retrained member changes its evaluation.json.
+    key = hashlib.sha256(b"".join(storage.read_bytes(fs, f"{root}/runs/{m}/evaluation.json") for m in members)).hexdigest()
+    cache_path = f"{root}/ensemble/evaluation.json"
+    cached = _read_json(fs, cache_path)
+    if cached and cached.get("members") == members and cached.get("key") == key:
+        evaluation = cached["evaluation"]
+    else:
+        evaluation = _evaluate_ensemble(fs, root, members, runs[0])
+        storage.write_json_atomic(fs, cache_path, {"members": members, "key": key, "chosen_by": "val balanced accuracy",
+                                                   "data": runs[0], "evaluation": evaluation})
+    row = {
+        "model": f"ensemble ({' + '.join(members)})",
+        "status": ENSEMBLE_STATUS,
+        "test_accuracy": evaluation["accuracy"],
+        "test_loss": evaluation["log_loss"],
+        "val_accuracy": evaluation["val"]["accuracy"],
+        "val_loss": evaluation["val"]["log_loss"],
+        "balanced_accuracy": evaluation["balanced_accuracy"],
+        "macro_f1": evaluation["macro_f1"],
+        "melanoma_recall": evaluation["melanoma_recall"],
+        "roc_auc": evaluation["roc_auc_ovr"],
+        "best_val_balanced_accuracy": evaluation["val"]["balanced_accuracy"],
+        "study_test_accuracy": math.nan,
+    }
+    note = (f"The ensemble row averages the class probabilities of {' and '.join(f'`{m}`' for m in members)}, "
+            "the two best models by validation balanced accuracy, on the same test split "
+            f"(test balanced accuracy {evaluation['balanced_accuracy']:.3f}, melanoma recall "
+            f"{_fmt(evaluation['melanoma_recall'])}). `skincluster export runs/{members[0]}/model.keras "
+            f"runs/{members[1]}/model.keras --out DIR` writes it as one model.")
+    return row, note
+
+
+def _evaluate_ensemble(fs, root: str, members: list[str], data: dict) -> dict:
+    """Load the members (copied to a local temporary folder: Keras reads local files), average, evaluate."""
+    import os
+    import tempfile
+
+    from skincluster.data.store import open_store
+    from skincluster.models import load_model
+    from skincluster.serve.export import ensemble_model
+    from skincluster.train.evaluate import evaluate_model
+
+    models = []
+    with tempfile.TemporaryDirectory(prefix="skincluster-ensemble-") as tmp:
+        for model in members:
+            local = os.path.join(tmp, f"{model}.keras")
+            with open(local, "wb") as fh:
+                fh.write(storage.read_bytes(fs, f"{root}/runs/{model}/model.keras"))
+            models.append(load_model(local))
+    store = open_store(data["store"])
+    evaluation = evaluate_model(ensemble_model(models), store, data["limit"], data["seed"])
+    evaluation.update(model="ensemble", members=members)
+    return evaluation
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -169,14 +266,14 @@ def _markdown_table(table: pd.DataFrame) -> str:
             elif c == "images_per_second":
                 cells.append(_fmt(float(v), 0))
             elif c in ("epochs_run", "epoch_budget"):
-                cells.append(str(int(v)))
+                cells.append("–" if pd.isna(v) else str(int(v)))  # the ensemble row has no epochs
             else:
                 cells.append(_fmt(v if isinstance(v, str) else float(v)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _report_markdown(experiment, table, results_md, histories, evaluations, best) -> str:
+def _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note="") -> str:
     cmp = experiment["comparison"]
     any_run = next(iter(experiment["runs"].values()))
     lines = [
@@ -203,6 +300,8 @@ def _report_markdown(experiment, table, results_md, histories, evaluations, best
             "",
         ]
     lines += ["## Leaderboard", "", results_md, ""]
+    if ensemble_note:
+        lines += [ensemble_note, ""]
     lines += [
         "The study's column is the accuracy its own write-up reports, on its image-level (leaky) split; "
         "empty where our copy of the study gives no figure.",
