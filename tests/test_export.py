@@ -216,3 +216,16 @@ def test_report_ensemble_on_s3(local_experiment, s3_env):
     cached = storage.read_json(fs, f"{bucket}/exp/ensemble/evaluation.json")
     assert sorted(cached["members"]) == ["cnn", "nn"] and math.isfinite(cached["evaluation"]["balanced_accuracy"])
     assert "| ensemble (" in storage.read_bytes(fs, f"{bucket}/exp/results.md").decode()
+
+
+def test_report_survives_an_ensemble_that_cannot_be_evaluated(local_experiment, tmp_path):
+    copy = tmp_path / "moved"
+    shutil.copytree(local_experiment, copy, ignore=shutil.ignore_patterns("checkpoint*", "ensemble"))
+    experiment = json.loads((copy / "experiment.json").read_text())
+    for run in experiment["runs"].values():
+        run["data"]["store"] = str(tmp_path / "store-that-moved")
+    (copy / "experiment.json").write_text(json.dumps(experiment))
+    build_report(str(copy))
+    report = (copy / "report.md").read_text()
+    assert "No ensemble row: evaluating" in report and "store-that-moved" in report
+    assert "| nn |" in (copy / "results.md").read_text()  # the trials' rows are all there

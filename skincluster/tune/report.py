@@ -191,7 +191,12 @@ def ensemble(experiment_dir: str, experiment: dict, evaluations: dict[str, dict]
     if cached and cached.get("members") == members and cached.get("key") == key:
         evaluation = cached["evaluation"]
     else:
-        evaluation = _evaluate_ensemble(fs, root, members, runs[0])
+        try:
+            evaluation = _evaluate_ensemble(fs, root, members, runs[0])
+        except Exception as exc:  # noqa: BLE001
+            # The row is an extra: a store that moved or a model that no longer
+            # loads must not cost the report of the trials themselves.
+            return None, f"No ensemble row: evaluating {' + '.join(members)} failed: {type(exc).__name__}: {exc}"
         storage.write_json_atomic(fs, cache_path, {"members": members, "key": key, "chosen_by": "val balanced accuracy",
                                                    "data": runs[0], "evaluation": evaluation})
     row = {
