@@ -195,7 +195,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if not ray.is_initialized():
         runtime_env = skincluster.RAY_RUNTIME_ENV
         # The driver's S3 endpoint/region reach every worker of this job (storage.worker_env).
-        runtime_env = {**runtime_env, "env_vars": {**storage.worker_env(), **runtime_env["env_vars"]}}
+        env_vars = {**storage.worker_env(), **runtime_env["env_vars"]}
+        # Under `ray job submit`, Ray refuses a driver runtime_env that names a variable the
+        # job's own runtime_env (--runtime-env-json) already sets; those reach the workers anyway.
+        job_env = _submitted_job_env_vars()
+        runtime_env = {**runtime_env, "env_vars": {k: v for k, v in env_vars.items() if k not in job_env}}
         if "RAY_ADDRESS" in os.environ:
             ray.init(runtime_env=runtime_env)
         else:
@@ -212,6 +216,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             )
     # Per-block progress bars from every dataset shard drown the epoch lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _submitted_job_env_vars() -> dict[str, str]:
+    """env_vars of this driver's job as submitted (`ray job submit --runtime-env-json`), else {}."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job manager for job drivers
+    if not raw:
+        return {}
+    return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
 
 
 def _free_port() -> int:
