@@ -264,9 +264,8 @@ def _add_export(sub) -> None:
     p.add_argument("--data", default=None,
                    help="store (from `skincluster ingest`): int8 calibration images and test-split evaluation")
     p.add_argument("--limit", type=int, default=None,
-                   help="evaluate on a seeded subset of the test split (in proportion to N training images, "
-                        "as `train --limit`)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="evaluate on N test images (a seeded random subset) instead of the whole test split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration and --limit samples (default 0)")
     p.set_defaults(func=_run_export)
 
 

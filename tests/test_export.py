@@ -127,10 +127,10 @@ def test_cli_exports_the_average_of_two_models(local_experiment, synthetic_store
     printed = capsys.readouterr().out
     assert "ensemble of 2 models" in printed and "tflite_int8" in printed
     report = json.load(open(out / ex.REPORT_FILE))
-    assert report["ensemble"] and report["data"]["images"] < open_store(synthetic_store).count("test")
+    assert report["ensemble"] and report["data"]["images"] == 40
     for fmt in ("keras", "saved_model", "tflite_float32", "tflite_float16", "tflite_int8"):
         assert 0 <= report["evaluation"][fmt]["balanced_accuracy"] <= 1, fmt
-    images, _ = read_arrays(open_store(synthetic_store), "test", 40)
+    images, _ = ex.evaluation_split(open_store(synthetic_store), 40)
     expected = np.mean([ex.keras_predict(load_model(p), images) for p in members], axis=0)
     np.testing.assert_allclose(ex.keras_predict(load_model(str(out / "model.keras")), images), expected, atol=1e-5)
 

@@ -201,6 +201,17 @@ def saved_model_predict(path: str, images: np.ndarray, batch_size: int = 64) -> 
     return np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)))
 
 
+def evaluation_split(store, limit: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The store's test split, or a seeded random `limit` images of it (in store order)."""
+    from skincluster.data.pipeline import read_arrays
+
+    images, labels = read_arrays(store, "test")
+    if limit is not None and limit < len(labels):
+        rows = np.sort(np.random.default_rng(seed).choice(len(labels), size=limit, replace=False))
+        images, labels = images[rows], labels[rows]
+    return images, labels
+
+
 @dataclass
 class ExportReport:
     out_dir: str
@@ -291,7 +302,7 @@ def export(
         entry["bytes"] = _size(os.path.join(out_dir, entry["path"]))
 
     if store is not None:
-        images, labels = read_arrays(store, "test", limit, seed)
+        images, labels = evaluation_split(store, limit, seed)
         if not len(labels):
             raise ValueError(f"{store_uri}: the test split is empty")
         report.data = {"store": store_uri, "split": "test", "images": int(len(labels)), "limit": limit, "seed": seed}
