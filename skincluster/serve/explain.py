@@ -12,7 +12,7 @@ convolution or a nested backbone sub-model and outputs a 4-D tensor. For the
 CNNs that is ``conv_3`` (25x31 cells at 100x125); for the transfer models it
 is the backbone's output, i.e. its last convolutional block after activation
 (MobileNet ``conv_pw_13_relu``, ResNet50 ``conv5_block3_out``, DenseNet121
-``relu``; 3x4 to 4x4 cells at 100x125, so their maps are coarse).
+``relu``; 3x3 to 4x4 cells at 100x125, so their maps are coarse).
 
 ``nn`` has no convolution at all (it flattens the pixels first). It gets
 **input-gradient saliency** instead (Simonyan et al., 2014): the absolute

@@ -363,7 +363,7 @@ def format_report(report: ExportReport) -> str:
     lines.append(f"exported {what} to {report.out_dir}")
     header = f"{'format':<16} {'file':<22} {'MB':>8}"
     if report.evaluation:
-        header += f" {'acc':>6} {'bal.acc':>7} {'lost':>6} {'agree':>6} {'max|dp|':>8} {'img/s':>7}"
+        header += f" {'acc':>6} {'bal.acc':>7} {'lost':>6} {'mel.rec':>7} {'agree':>6} {'max|dp|':>8} {'img/s':>7}"
     lines += [header, "-" * len(header)]
     for fmt, entry in report.files.items():
         line = f"{fmt:<16} {entry['path']:<22} {entry['bytes'] / 1e6:8.2f}"
@@ -371,7 +371,9 @@ def format_report(report: ExportReport) -> str:
         if row:
             agree = row.get("agreement_with_keras")
             diff = row.get("max_probability_difference")
+            mel = row.get("melanoma_recall")
             line += (f" {row['accuracy']:6.3f} {row['balanced_accuracy']:7.3f} {100 * row['balanced_accuracy_cost']:6.1f}"
+                     f" {'–' if mel is None else f'{mel:.3f}':>7}"
                      f" {'' if agree is None else f'{agree:6.3f}':>6} {'' if diff is None else f'{diff:8.2g}':>8}"
                      f" {row['images_per_second'] or 0:7.0f}")
         lines.append(line)
