@@ -12,6 +12,7 @@ balanced accuracy is on (patience --patience); `--no-early-stopping` runs all
 """
 
 import argparse
+import os
 import sys
 
 from skincluster.cli import main
@@ -41,4 +42,6 @@ def build_args(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    # `ray submit` runs this on the head node: join its cluster (see jobs/compare.py).
+    os.environ.setdefault("RAY_ADDRESS", "auto")
     sys.exit(main(build_args(sys.argv[1:])))
