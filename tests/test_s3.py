@@ -137,6 +137,12 @@ def test_local_training_reads_and_writes_s3(s3_store, s3_module_env, tmp_path, m
     assert os.listdir(tmp_path) == []  # nothing landed in the working folder instead
     leftovers = [f.path for f in fs.get_file_info(storage_selector(path)) if ".tmp" in f.path]
     assert leftovers == []
+    # The local checkpoint folder of a run to a URI is gone once the run is in the bucket
+    # (left behind, a later run of the same name to another bucket resumed from it).
+    import glob
+    import tempfile
+
+    assert glob.glob(os.path.join(tempfile.gettempdir(), "skincluster-local", "nn-s3*")) == []
 
 
 @pytest.mark.ray

@@ -8,8 +8,10 @@ Driver-side code only; the per-worker loop is in `worker.py`. A run's folder
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -117,8 +119,11 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
         return done
     run_dir = run_dir_of(run)
     if storage.is_uri(run_dir):
-        # Checkpoints need a local folder; results are copied to the URI at the end.
-        work_dir = os.path.join(tempfile.gettempdir(), "skincluster-local", run.name)
+        # Checkpoints need a local folder; results are copied to the URI at the end. The
+        # folder is named after the whole URI: keyed by the run name alone, a run to another
+        # bucket with the same name resumed from this one's checkpoints (seen in the S3 tests).
+        key = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
+        work_dir = os.path.join(tempfile.gettempdir(), "skincluster-local", f"{run.name}-{key}")
     else:
         work_dir = run_dir
     os.makedirs(work_dir, exist_ok=True)
@@ -126,7 +131,11 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
     ctx = LocalContext(work_dir, run.data.store, run.data.limit, run.data.seed)
     history = run_worker(run, ctx, verbose=verbose)
     with ctx.latest_checkpoint() as checkpoint:
-        return _finish(run, history, os.path.join(checkpoint, FINAL_MODEL))
+        result = _finish(run, history, os.path.join(checkpoint, FINAL_MODEL))
+    if work_dir != run_dir:
+        # The run is finished in the URI (evaluation.json): its local checkpoints are no longer needed.
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return result
 
 
 def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose: bool = True) -> RunResult:
