@@ -185,7 +185,7 @@ def test_cluster_refuses_a_client_without_its_token(cluster, tmp_path):
     assert len(cluster.nodes()) == 2  # ... while the right token still works
 
 
-def test_submitted_comparison_trains_on_both_nodes_and_writes_to_s3(cluster, s3_server, synthetic_store):
+def test_submitted_comparison_trains_on_both_nodes_and_writes_to_s3(cluster, s3_server, synthetic_store, monkeypatch):
     started = time.time()
     bucket = s3_server.new_bucket("mn")
     # The store is ingested into the bucket by the client, as in the README.
@@ -208,20 +208,16 @@ def test_submitted_comparison_trains_on_both_nodes_and_writes_to_s3(cluster, s3_
     output = submit.stdout + submit.stderr
     assert submit.returncode == 0 and "succeeded" in output, output[:6000] + "\n...\n" + output[-4000:]
 
-    # The results landed in the (loopback) bucket.
-    s3 = s3_server.env
-    os.environ.update(s3)  # this process reads the bucket as the user would
-    try:
-        fs, path = storage.resolve(f"{experiments}/mn")
-        table = pd.read_csv(fs.open_input_stream(f"{path}/results.csv")).set_index("model")
-        assert sorted(table.index) == sorted(MODELS)
-        assert (table["status"] == "finished").all()
-        for model in MODELS:
-            assert storage.exists(fs, f"{path}/runs/{model}/evaluation.json"), model
-        assert storage.exists(fs, f"{path}/report.md") and storage.exists(fs, f"{path}/best/model.keras")
-    finally:
-        for key in s3:
-            os.environ.pop(key, None)
+    # The results landed in the (loopback) bucket; this process reads it as the user would.
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    fs, path = storage.resolve(f"{experiments}/mn")
+    table = pd.read_csv(fs.open_input_stream(f"{path}/results.csv")).set_index("model")
+    assert sorted(table.index) == sorted(MODELS)
+    assert (table["status"] == "finished").all()
+    for model in MODELS:
+        assert storage.exists(fs, f"{path}/runs/{model}/evaluation.json"), model
+    assert storage.exists(fs, f"{path}/report.md") and storage.exists(fs, f"{path}/best/model.keras")
 
     # Each trial's Train workers ran on both nodes.
     nodes = {n["node_id"] for n in cluster.nodes()}
