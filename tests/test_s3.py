@@ -172,3 +172,15 @@ def test_ray_comparison_writes_its_experiment_to_s3(s3_store, s3_module_env, ray
     assert any(n.startswith(f"{path}/tune/") for n in names)
     assert json.loads(fs.open_input_stream(f"{path}/runs/nn/evaluation.json").read())["epochs_run"] >= 1
     assert os.listdir(tmp_path) == []
+
+
+def test_workers_get_the_s3_settings_but_never_the_keys(monkeypatch):
+    """What a driver hands its Ray workers (runtime_env, visible in the dashboard)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session")
+    env = storage.worker_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_REGION"] == "eu-west-1"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
