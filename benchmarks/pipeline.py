@@ -255,6 +255,7 @@ def _variant_batches(name: str):
         "no_shuffle_buffer": ray_kwargs(buffer_batches=0),
         "prefetch_1": ray_kwargs(prefetch=1),
         "prefetch_16": ray_kwargs(prefetch=16),
+        "shuffle_buffer_4x": ray_kwargs(buffer_batches=4),
         "shuffle_buffer_32x": ray_kwargs(buffer_batches=32),
         "numpy_format": numpy_format,
         "whole_blocks": whole_blocks(),
@@ -264,7 +265,7 @@ def _variant_batches(name: str):
     return table[name]
 
 
-RAY_VARIANTS = ("package", "no_shuffle_buffer", "prefetch_1", "prefetch_16", "shuffle_buffer_32x",
+RAY_VARIANTS = ("package", "no_shuffle_buffer", "prefetch_1", "prefetch_16", "shuffle_buffer_4x", "shuffle_buffer_32x",
                 "numpy_format", "whole_blocks", "blocks_1024", "rebatch_256")
 #: Variants whose generator yields this many batches at once, cut back to the batch size by
 #: `tf.data.Dataset.rebatch` (fewer trips through the Python generator).
