@@ -12,6 +12,16 @@ import platform
 import time
 
 
+def add_measurement_options(parser, unit: str) -> None:
+    """--repeat, --max-load, --max-wait and --json, which the Ray benchmarks share; `unit` names
+    what waits for a quiet machine ("run", "repetition")."""
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions; figures are medians (default 3)")
+    parser.add_argument("--max-load", type=float, default=1.5,
+                        help=f"wait (up to --max-wait s) for the 1-minute load to fall below this before each {unit}")
+    parser.add_argument("--max-wait", type=float, default=300)
+    parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+
+
 def load1() -> float:
     """The 1-minute load average."""
     return os.getloadavg()[0]

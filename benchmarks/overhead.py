@@ -58,7 +58,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
-from common import load1, machine, wait_for_quiet
+from common import add_measurement_options, load1, machine, wait_for_quiet
 
 import skincluster  # noqa: F401  (pins tf-keras before TensorFlow is imported)
 
@@ -273,17 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="cnn", help="registry model (default cnn)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3; steady = 2..N)")
     parser.add_argument("--limit", type=int, default=1000, help="training images (default 1000)")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions; figures are medians (default 3)")
     parser.add_argument("--modes", default="local,ray",
                         help="comma-separated: local, ray, ray_arrays (diagnostic: Ray Train worker fed from "
                              "in-memory arrays, no Ray Data); default local,ray")
     parser.add_argument("--ray-niceness", type=int, default=None,
                         help="diagnostic: RAY_worker_niceness for the Ray cluster this script starts "
                              "(Ray's default runs workers at nice 15)")
-    parser.add_argument("--max-load", type=float, default=1.5,
-                        help="wait (up to --max-wait s) for the 1-minute load to fall below this before each run")
-    parser.add_argument("--max-wait", type=float, default=300)
-    parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+    add_measurement_options(parser, "run")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (steady state is epochs 2..N)")

@@ -51,7 +51,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
-from common import load1, machine, wait_for_quiet
+from common import add_measurement_options, load1, machine, wait_for_quiet
 
 import skincluster  # noqa: F401  (pins tf-keras before TensorFlow is imported)
 
@@ -353,16 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="a skincluster store (from `skincluster ingest`)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement (default 3; steady = 2..N)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions; figures are medians (default 3)")
     parser.add_argument("--variants", default="package",
                         help=f"Ray-path variants, comma-separated or 'all' (default package): {', '.join(RAY_VARIANTS)}")
     parser.add_argument("--raw-passes", type=int, default=3,
                         help="reads of the whole split per repetition of (a) (default 3)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: raw,local,ray")
-    parser.add_argument("--max-load", type=float, default=1.5,
-                        help="wait (up to --max-wait s) for the 1-minute load to fall below this before each repetition")
-    parser.add_argument("--max-wait", type=float, default=300)
-    parser.add_argument("--json", default=None, help="also write every measurement to this JSON file")
+    add_measurement_options(parser, "repetition")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (steady state is epochs 2..N)")
