@@ -67,6 +67,14 @@ class Recipe:
     lr_patience: int = 5
     lr_factor: float = 0.5
     min_lr: float = 1e-5
+    #: Cosine decay instead of the plateau rule: the LR falls along a half cosine
+    #: from learning_rate to min_lr over this many epochs (after the warm-up),
+    #: then stays at min_lr. It depends on the epoch number alone, so a resumed
+    #: run picks it up exactly where it was.
+    cosine_decay_epochs: int | None = None
+    #: Linear warm-up from learning_rate / 10 to learning_rate over this many
+    #: epochs, so a freshly initialised head does not wreck pretrained weights.
+    warmup_epochs: int = 0
     #: Early stopping on validation balanced accuracy (None: run the whole budget).
     early_stopping_patience: int | None = None
     #: Backbone layers left trainable, counted from the end (None: no backbone).
@@ -84,6 +92,17 @@ class Recipe:
     #: Stop after the epoch that exhausts this much training time (None: no limit).
     #: The `cpu` profile uses it to give every architecture a fair share of a CPU.
     time_budget_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.reduce_lr_on_plateau and self.cosine_decay_epochs is not None:
+            raise ValueError(
+                "reduce_lr_on_plateau and cosine_decay_epochs are two LR schedules; "
+                "set reduce_lr_on_plateau=false to use the cosine one"
+            )
+        if self.cosine_decay_epochs is not None and self.cosine_decay_epochs < 1:
+            raise ValueError(f"cosine_decay_epochs must be at least 1, got {self.cosine_decay_epochs}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be at least 0, got {self.warmup_epochs}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from skincluster.models import (
     list_models,
     set_precision,
 )
+from skincluster.models.training import scheduled_learning_rate
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_7_5_224_tf_no_top.h5"
 STUDY_ORDER = ["nn", "cnn", "cnn_aug", "mobilenet", "resnet50", "densenet121", "mobilenet_enhanced"]
@@ -423,6 +424,41 @@ def test_callbacks_follow_the_recipe():
     assert stopping.monitor == "val_balanced_accuracy"
     assert (stopping.patience, stopping.restore_best_weights) == (20, True)
     assert stopping.monitor_op == np.greater
+
+
+def test_cosine_schedule_warms_up_decays_and_stays_at_the_floor():
+    recipe = dataclasses.replace(
+        get_recipe("mobilenet"), reduce_lr_on_plateau=False, learning_rate=1e-3, min_lr=1e-5,
+        warmup_epochs=2, cosine_decay_epochs=10, early_stopping_patience=5,
+    )
+    lrs = [scheduled_learning_rate(recipe, epoch) for epoch in range(20)]
+    assert lrs[0] == pytest.approx(1e-4)  # warm-up starts at a tenth of the peak
+    assert lrs[1] == pytest.approx(5.5e-4)
+    assert lrs[2] == pytest.approx(1e-3)  # the peak, where the cosine starts
+    assert lrs[7] == pytest.approx((1e-3 + 1e-5) / 2)  # half way down the cosine
+    assert all(a > b for a, b in zip(lrs[2:12], lrs[3:13]))
+    assert lrs[12:] == pytest.approx([1e-5] * 8)
+    # The only callback besides early stopping; plateau and cosine never run together.
+    scheduler, stopping = build_callbacks(recipe)
+    assert isinstance(scheduler, keras.callbacks.LearningRateScheduler)
+    assert isinstance(stopping, keras.callbacks.EarlyStopping)
+    with pytest.raises(ValueError, match="two LR schedules"):
+        dataclasses.replace(recipe, reduce_lr_on_plateau=True)
+    with pytest.raises(ValueError, match="cosine_decay_epochs"):
+        dataclasses.replace(recipe, cosine_decay_epochs=0)
+
+
+def test_cosine_schedule_sets_the_optimizer_lr_during_fit():
+    recipe = dataclasses.replace(
+        get_recipe("nn"), learning_rate=1e-3, min_lr=0.0, cosine_decay_epochs=2,
+    )
+    model = compile_model(create_model("nn"), recipe, num_classes=7)
+    x, y = flat_colour_images(14), np.arange(14) % 7
+    history = model.fit(x, y, epochs=3, batch_size=7, verbose=0, callbacks=build_callbacks(recipe))
+    assert history.history["lr"] == pytest.approx([1e-3, 5e-4, 0.0])
+    # A resumed fit starts from the schedule's LR for its epoch, not from the optimizer's last.
+    history = model.fit(x, y, epochs=2, initial_epoch=1, batch_size=7, verbose=0, callbacks=build_callbacks(recipe))
+    assert history.history["lr"] == pytest.approx([5e-4])
 
 
 def test_fit_logs_balanced_accuracy_for_early_stopping():

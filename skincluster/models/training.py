@@ -8,6 +8,7 @@ labels).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -86,9 +87,31 @@ def compile_model(model: keras.Model, recipe: Recipe, num_classes: int) -> keras
     return model
 
 
+def scheduled_learning_rate(recipe: Recipe, epoch: int) -> float:
+    """The LR of 0-based `epoch` under the recipe's warm-up and cosine decay.
+
+    Warm-up: linear from learning_rate / 10 (epoch 0) to learning_rate (epoch
+    warmup_epochs). Then a half cosine from learning_rate down to min_lr over
+    cosine_decay_epochs, and min_lr after it. Without a cosine decay the LR
+    stays at learning_rate after the warm-up.
+    """
+    peak = recipe.learning_rate
+    warmup = recipe.warmup_epochs
+    if epoch < warmup:
+        return peak / 10 + (peak - peak / 10) * epoch / warmup
+    if recipe.cosine_decay_epochs is None:
+        return peak
+    progress = min((epoch - warmup) / recipe.cosine_decay_epochs, 1.0)
+    floor = min(recipe.min_lr, peak)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_callbacks(recipe: Recipe) -> list[keras.callbacks.Callback]:
-    """The recipe's ReduceLROnPlateau and EarlyStopping (each only when enabled)."""
+    """The recipe's LR schedule (plateau, or warm-up and cosine decay) and
+    EarlyStopping, each only when enabled."""
     callbacks: list[keras.callbacks.Callback] = []
+    if recipe.cosine_decay_epochs is not None or recipe.warmup_epochs:
+        callbacks.append(keras.callbacks.LearningRateScheduler(lambda epoch: scheduled_learning_rate(recipe, epoch)))
     if recipe.reduce_lr_on_plateau:
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(
