@@ -16,7 +16,7 @@ from skincluster.config import CLASS_NAMES, IMAGE_SHAPE
 from skincluster.data import store as store_mod
 from skincluster.data.ham10000 import SourceError
 from skincluster.data.images import ImageDecodeError, decode_image
-from skincluster.data.ingest import IngestError, IngestOptions, ingest
+from skincluster.data.ingest import MIN_IMAGES_FOR_POOL, IngestError, IngestOptions, ingest
 from skincluster.data.store import StoreError, images_from_column, open_store
 
 from helpers import color_of, jpeg_bytes, make_rows, write_dataverse, write_kaggle
@@ -172,6 +172,25 @@ def test_parallel_decoding_matches_single_process(tmp_path):
     a = open_store(str(tmp_path / "one")).read_split("train").sort_by("image_id")
     b = open_store(str(tmp_path / "two")).read_split("train").sort_by("image_id")
     assert a.column("image").equals(b.column("image"))
+
+
+def test_parallel_decoding_with_failures_keeps_every_image_with_its_row(tmp_path):
+    """Corrupt images inside a split make its pixels non-contiguous in the decoded
+    array: every stored image must still be the one its image_id names."""
+    rows = make_rows(n_lesions_per_class=12)
+    assert len(rows) >= MIN_IMAGES_FOR_POOL  # or the pool would not be used
+    images = {r["image_id"]: jpeg_bytes(color_of(r["dx"]), seed=i) for i, r in enumerate(rows)}
+    for r in rows[5::17]:
+        images[r["image_id"]] = b"not a jpeg"
+    src = write_kaggle(tmp_path / "src", rows, images)
+    one = ingest(str(src), str(tmp_path / "one"), IngestOptions(workers=1), **QUIET)
+    two = ingest(str(src), str(tmp_path / "two"), IngestOptions(workers=2), **QUIET)
+    assert one.quarantine == two.quarantine and len(two.quarantine) == len(rows[5::17])
+    assert one.manifest["counts"] == two.manifest["counts"]
+    for split, table in _all_rows(open_store(str(tmp_path / "two"))).items():
+        for image_id, stored in zip(table["image_id"], table["image"]):
+            expected = decode_image(images[image_id])
+            assert np.frombuffer(stored, np.uint8).reshape(IMAGE_SHAPE).tobytes() == expected.tobytes(), (split, image_id)
 
 
 def test_image_split_is_leaky_and_says_so(good_source, tmp_path):

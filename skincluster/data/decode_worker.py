@@ -20,24 +20,26 @@ _LEVELS = np.arange(256, dtype=np.int64)
 _LEVELS_SQ = _LEVELS * _LEVELS
 
 _fs = None
-_zips: dict[str, Any] = {}
+#: Open zip archives by path, with the file each reads from.
+_zips: dict[str, tuple[zipfile.ZipFile, Any]] = {}
 #: (n, h, w, 3) uint8 array the decoded images are written into, by index:
 #: under a pool, a memory-mapped file shared with the parent, so pixels never
 #: go through a pipe.
 _out: np.ndarray | None = None
+_out_path: str | None = None
+
+#: Where a chunk's pixels go: the array itself (in-process) or, from a pool,
+#: (memory-mapped file path, shape).
+Output = np.ndarray | tuple[str, tuple[int, ...]]
 
 
-def init(source_root: str, out: np.ndarray | tuple[str, tuple[int, ...]]) -> None:
-    """Open the source's filesystem (None, plain `open`, for a local source) and the output array.
+def init(source_root: str) -> None:
+    """Open the source's filesystem: None (plain `open`) for a local source.
 
-    `out` is the array itself, or (memory-mapped file path, shape) in a pool worker.
+    Runs when a pool worker starts, before the parent knows how many images
+    there are, so that the start-up overlaps the parent's reading of the metadata.
     """
-    global _fs, _out
-    if isinstance(out, np.ndarray):
-        _out = out
-    else:
-        path, shape = out
-        _out = np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
+    global _fs
     if "://" in str(source_root):
         from skincluster import storage
 
@@ -46,10 +48,23 @@ def init(source_root: str, out: np.ndarray | tuple[str, tuple[int, ...]]) -> Non
         _fs = None
 
 
+def _attach(out: Output) -> None:
+    global _out, _out_path
+    if isinstance(out, np.ndarray):
+        _out, _out_path = out, None
+    elif out[0] != _out_path:
+        path, shape = out
+        _out, _out_path = np.memmap(path, dtype=np.uint8, mode="r+", shape=shape), path
+
+
 def close() -> None:
-    global _out
+    global _out, _out_path
+    # A ZipFile given an open file does not close it: close both.
+    for archive, fh in _zips.values():
+        archive.close()
+        fh.close()
     _zips.clear()
-    _out = None
+    _out = _out_path = None
 
 
 def _read(path: str, member: str | None) -> bytes:
@@ -61,10 +76,10 @@ def _read(path: str, member: str | None) -> bytes:
                 return fh.read()
         with _fs.open_input_stream(path) as fh:
             return fh.read()
-    archive = _zips.get(path)
-    if archive is None:
-        archive = _zips[path] = zipfile.ZipFile(open(path, "rb") if _fs is None else _fs.open_input_file(path))
-    return archive.read(member)
+    if path not in _zips:
+        fh = open(path, "rb") if _fs is None else _fs.open_input_file(path)
+        _zips[path] = (zipfile.ZipFile(fh), fh)
+    return _zips[path][0].read(member)
 
 
 def channel_sums(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,8 +92,13 @@ def channel_sums(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hist @ _LEVELS, hist @ _LEVELS_SQ
 
 
-def decode_chunk(chunk: list[tuple[int, str, str | None]]) -> list[tuple]:
-    """(index, error | None, md5, channel sums, channel sums of squares); pixels go to `_out[index]`."""
+def decode_chunk(job: tuple[Output, list[tuple[int, str, str | None]]]) -> list[tuple]:
+    """Decode `job` = (output, [(index, path, zip member | None), ...]); pixels go to `output[index]`.
+
+    Returns (index, error | None, md5, channel sums, channel sums of squares) per image.
+    """
+    target, chunk = job
+    _attach(target)
     out = []
     for index, path, member in chunk:
         where = f"{path}!{member}" if member else path

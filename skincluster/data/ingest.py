@@ -3,9 +3,10 @@
 Order of work, so that bad input never damages a store that already exists:
 
 1. find the metadata and images, check the CSV's columns (stop here on error);
-2. quarantine unusable rows, decode every image in parallel (draft JPEG
-   decoding, all cores), quarantine the ones that fail;
-3. split the usable rows by lesion, compute train-only channel statistics;
+   the decoding processes start meanwhile;
+2. quarantine unusable rows, split the others by lesion;
+3. decode every image in parallel (draft JPEG decoding, all cores), in split
+   order, quarantine the ones that fail; compute train-only channel statistics;
 4. write the shards under temporary names into a folder named after the
    content, then ``manifest.json`` last; only then delete older shards.
 
@@ -70,42 +71,67 @@ class IngestResult:
 
 # --------------------------------------------------------------------------- decoding
 
-def _decode_all(
-    source_root: str, locations: list[ham10000.ImageLocation], workers: int, progress: Progress
-) -> tuple[list[tuple], np.ndarray]:
-    """Per-image (index, error | None, md5, sums, sums of squares), and the (n, h, w, 3) images."""
-    tasks = [(i, loc.path, loc.member) for i, loc in enumerate(locations)]
-    shape = (len(tasks), *IMAGE_SHAPE)
-    chunk_size = 32
-    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
-    results: list[tuple] = [None] * len(tasks)  # type: ignore[list-item]
-    if workers <= 1 or len(tasks) < 4 * chunk_size:
-        images = np.empty(shape, dtype=np.uint8)
-        decode_worker.init(source_root, images)
-        try:
+#: Images per task sent to a worker.
+CHUNK_IMAGES = 32
+#: Below this many images, spawning worker processes costs more than it saves.
+MIN_IMAGES_FOR_POOL = 4 * CHUNK_IMAGES
+
+
+class _Decoder:
+    """Decodes images into one (n, h, w, 3) uint8 array, in this process or in a pool.
+
+    The pool is spawned on entry, so its workers import numpy and Pillow while
+    the parent reads the metadata and splits the rows. Pool workers write pixels
+    straight into a memory-mapped file in a scratch folder: pickling 37.5 kB per
+    image through the pool's pipe was serial work in the parent. A file in the
+    temp folder rather than /dev/shm, which containers often cap at 64 MB. The
+    returned array is that file mapped into memory, valid until exit.
+    """
+
+    def __init__(self, source_root: str, workers: int):
+        self.source_root = source_root
+        self.workers = workers
+        self._pool = None
+        self._scratch: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> "_Decoder":
+        if self.workers > 1:
+            self._scratch = tempfile.TemporaryDirectory(prefix="skincluster-ingest-")
+            # spawn, not fork: the parent may hold pyarrow/Ray threads, which fork can deadlock.
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ctx.Pool(self.workers, initializer=decode_worker.init, initargs=(self.source_root,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+        decode_worker.close()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+
+    def decode(self, locations: list[ham10000.ImageLocation], progress: Progress) -> tuple[list[tuple], np.ndarray]:
+        """Per-image (index, error | None, md5, sums, sums of squares), and the images in `locations` order."""
+        tasks = [(i, loc.path, loc.member) for i, loc in enumerate(locations)]
+        shape = (len(tasks), *IMAGE_SHAPE)
+        chunks = [tasks[i : i + CHUNK_IMAGES] for i in range(0, len(tasks), CHUNK_IMAGES)]
+        results: list[tuple] = [None] * len(tasks)  # type: ignore[list-item]
+        if self._pool is None:
+            images = np.empty(shape, dtype=np.uint8)
+            decode_worker.init(self.source_root)
             for chunk in chunks:
-                for item in decode_worker.decode_chunk(chunk):
+                for item in decode_worker.decode_chunk((images, chunk)):
                     results[item[0]] = item
                 progress.advance(len(chunk))
-        finally:
-            decode_worker.close()
-        return results, images
-    # Workers write pixels straight into a memory-mapped file: pickling 37.5 kB per
-    # image through the pool's pipe was serial work in the parent. A file in the
-    # temp folder rather than /dev/shm, which containers often cap at 64 MB.
-    with tempfile.TemporaryDirectory(prefix="skincluster-ingest-") as scratch:
-        path = os.path.join(scratch, "pixels.u8")
+            return results, images
+        path = os.path.join(self._scratch.name, "pixels.u8")
         np.memmap(path, dtype=np.uint8, mode="w+", shape=shape).flush()
-        # spawn, not fork: the parent may hold pyarrow/Ray threads, which fork can deadlock.
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=decode_worker.init, initargs=(source_root, (path, shape))) as pool:
-            for batch in pool.imap_unordered(decode_worker.decode_chunk, chunks):
-                for item in batch:
-                    results[item[0]] = item
-                progress.advance(len(batch))
-        # One copy into memory, so that the scratch file can go now.
-        images = np.array(np.memmap(path, dtype=np.uint8, mode="r", shape=shape))
-    return results, images
+        target = (path, shape)
+        for batch in self._pool.imap_unordered(decode_worker.decode_chunk, [(target, c) for c in chunks]):
+            for item in batch:
+                results[item[0]] = item
+            progress.advance(len(batch))
+        return results, np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
 
 
 # --------------------------------------------------------------------------- ingest
@@ -118,6 +144,14 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
                     "train and test, so test scores are inflated. Use it only to reproduce the study.")
     src_fs, src_root = storage.resolve(source)
     listing = ham10000.discover(src_fs, src_root)
+    workers = options.workers or os.cpu_count() or 1
+    if len(listing.images) < MIN_IMAGES_FOR_POOL:
+        workers = 1
+    with _Decoder(source, workers) as decoder:
+        return _ingest(source, dest, options, listing, src_fs, decoder, started, log)
+
+
+def _ingest(source, dest, options, listing, src_fs, decoder: _Decoder, started: float, log) -> IngestResult:
     extra = ham10000.STUDY_CLEANING_COLUMNS if options.clean == "study" else ()
     frame = ham10000.read_metadata(src_fs, listing.metadata, extra_required=extra)
     rows_in = len(frame)
@@ -132,9 +166,16 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
         quarantine.append({"row": int(r), "image_id": i, "reason": "image file not found in the source"})
     rows = rows.loc[has_file].reset_index(drop=True)
 
-    workers = options.workers or os.cpu_count() or 1
+    # Split before decoding (it needs the metadata only) and decode in split
+    # order, so that each split's pixels are one contiguous slice of the decoded
+    # array and the shards are written from it without a copy. An image that
+    # then fails to decode only leaves its split.
+    rows["split"] = assign_splits(rows, by=options.split, fractions=options.fractions, seed=options.seed).to_numpy()
+    split_index = rows["split"].map({s: i for i, s in enumerate(SPLITS)}).to_numpy()
+    rows = rows.iloc[np.argsort(split_index, kind="stable")].reset_index(drop=True)
+
     progress = Progress("decoding", total=len(rows), unit="images")
-    decoded, images = _decode_all(source, [listing.images[i] for i in rows["image_id"]], workers, progress)
+    decoded, images = decoder.decode([listing.images[i] for i in rows["image_id"]], progress)
     progress.close()
     decode_seconds = progress.elapsed
 
@@ -142,12 +183,11 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
     for r, i, d in zip(rows["row"], rows["image_id"], decoded):
         if d[1] is not None:
             quarantine.append({"row": int(r), "image_id": i, "reason": d[1]})
-    md5 = [d[2] for d in decoded]
-    rows["source_md5"] = md5
-    pixels = images if ok.all() else images[ok]
+    rows["source_md5"] = [d[2] for d in decoded]
     sums = np.array([d[3] for d in decoded if d[1] is None]).reshape(-1, 3)
     sums_sq = np.array([d[4] for d in decoded if d[1] is None]).reshape(-1, 3)
     good = rows.loc[ok].reset_index(drop=True)
+    good_positions = np.flatnonzero(ok)
     quarantine.sort(key=lambda q: q["row"])
 
     rows_written = len(good)
@@ -162,7 +202,6 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
     if rows_written == 0:
         raise IngestError(f"{source}: no usable rows; nothing was written to {dest}")
 
-    good["split"] = assign_splits(good, by=options.split, fractions=options.fractions, seed=options.seed).to_numpy()
     train = (good["split"] == "train").to_numpy()
     mean, std = store.channel_stats(sums[train], sums_sq[train], IMAGE_SHAPE[0] * IMAGE_SHAPE[1])
 
@@ -186,7 +225,10 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
         part = good.iloc[sel]
         # Missing values are NaN in pandas and must be nulls in Parquet.
         columns = {c: [None if pd.isna(v) else v for v in part[c].tolist()] for c in store.METADATA_COLUMNS}
-        table = store.shard_table(columns, pixels[sel])
+        positions = good_positions[sel]
+        contiguous = len(positions) > 0 and positions[-1] - positions[0] + 1 == len(positions)
+        pixels = images[positions[0] : positions[-1] + 1] if contiguous else images[positions]
+        table = store.shard_table(columns, pixels)
         for f in store.write_shards(dest_fs, folder, split, table):
             files.append({"path": f"{store.SHARDS_DIR}/{ingest_id}/{f['name']}", "split": split, "rows": f["rows"]})
 
