@@ -23,3 +23,15 @@ def test_model_prefixed_overrides_apply_to_that_model_only():
     overrides = {"batch_size": "32", "mobilenet:alpha": "0.75", "mobilenet:batch_size": "8"}
     assert overrides_for_model(overrides, "mobilenet") == {"batch_size": "8", "alpha": "0.75"}
     assert overrides_for_model(overrides, "cnn") == {"batch_size": "32"}
+
+
+def test_every_profile_gives_every_model_a_valid_recipe():
+    """Profile overrides are validated when applied (Recipe.__post_init__ raises): e.g.
+    a cosine schedule on a model whose recipe has the plateau rule must switch it off."""
+    from skincluster.config import PROFILES
+    from skincluster.models import get_recipe, list_models
+
+    for profile in PROFILES.values():
+        for model in list_models():
+            recipe = replace_fields(get_recipe(model), profile.recipe_overrides)
+            replace_fields(recipe, profile.model_overrides.get(model, {}))
