@@ -193,6 +193,18 @@ def test_parallel_decoding_with_failures_keeps_every_image_with_its_row(tmp_path
             assert np.frombuffer(stored, np.uint8).reshape(IMAGE_SHAPE).tobytes() == expected.tobytes(), (split, image_id)
 
 
+def test_no_usable_row_is_a_clear_error_with_the_pool_too(tmp_path):
+    rows = make_rows(n_lesions_per_class=12)
+    assert len(rows) >= MIN_IMAGES_FOR_POOL  # enough image files to start the pool
+    images = {r["image_id"]: jpeg_bytes(color_of(r["dx"]), seed=i) for i, r in enumerate(rows)}
+    for r in rows:
+        r["dx"] = "unknown"
+    src = write_kaggle(tmp_path / "src", rows, images)
+    with pytest.raises(IngestError, match="no usable rows"):
+        ingest(str(src), str(tmp_path / "s"), IngestOptions(workers=2), **QUIET)
+    assert not (tmp_path / "s").exists()
+
+
 def test_image_split_is_leaky_and_says_so(good_source, tmp_path):
     messages = []
     result = ingest(str(good_source), str(tmp_path / "s"), IngestOptions(workers=1, split="image"), log=messages.append)

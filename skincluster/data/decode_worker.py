@@ -26,7 +26,8 @@ _zips: dict[str, tuple[zipfile.ZipFile, Any]] = {}
 #: under a pool, a memory-mapped file shared with the parent, so pixels never
 #: go through a pipe.
 _out: np.ndarray | None = None
-_out_path: str | None = None
+#: The (path, shape) `_out` maps, so a new file or shape is mapped afresh.
+_out_key: tuple[str, tuple[int, ...]] | None = None
 
 #: Where a chunk's pixels go: the array itself (in-process) or, from a pool,
 #: (memory-mapped file path, shape).
@@ -49,22 +50,22 @@ def init(source_root: str) -> None:
 
 
 def _attach(out: Output) -> None:
-    global _out, _out_path
+    global _out, _out_key
     if isinstance(out, np.ndarray):
-        _out, _out_path = out, None
-    elif out[0] != _out_path:
+        _out, _out_key = out, None
+    elif out != _out_key:
         path, shape = out
-        _out, _out_path = np.memmap(path, dtype=np.uint8, mode="r+", shape=shape), path
+        _out, _out_key = np.memmap(path, dtype=np.uint8, mode="r+", shape=shape), out
 
 
 def close() -> None:
-    global _out, _out_path
+    global _out, _out_key
     # A ZipFile given an open file does not close it: close both.
     for archive, fh in _zips.values():
         archive.close()
         fh.close()
     _zips.clear()
-    _out = _out_path = None
+    _out = _out_key = None
 
 
 def _read(path: str, member: str | None) -> bytes:

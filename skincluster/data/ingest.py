@@ -96,7 +96,9 @@ class _Decoder:
 
     def __enter__(self) -> "_Decoder":
         if self.workers > 1:
-            self._scratch = tempfile.TemporaryDirectory(prefix="skincluster-ingest-")
+            # ignore_cleanup_errors: on Windows a mapped file cannot be deleted while an
+            # exception's traceback still holds the array; the error must not hide it.
+            self._scratch = tempfile.TemporaryDirectory(prefix="skincluster-ingest-", ignore_cleanup_errors=True)
             # spawn, not fork: the parent may hold pyarrow/Ray threads, which fork can deadlock.
             ctx = multiprocessing.get_context("spawn")
             self._pool = ctx.Pool(self.workers, initializer=decode_worker.init, initargs=(self.source_root,))
@@ -116,7 +118,7 @@ class _Decoder:
         shape = (len(tasks), *IMAGE_SHAPE)
         chunks = [tasks[i : i + CHUNK_IMAGES] for i in range(0, len(tasks), CHUNK_IMAGES)]
         results: list[tuple] = [None] * len(tasks)  # type: ignore[list-item]
-        if self._pool is None:
+        if self._pool is None or not tasks:  # (an empty file cannot be memory-mapped)
             images = np.empty(shape, dtype=np.uint8)
             decode_worker.init(self.source_root)
             for chunk in chunks:
@@ -286,7 +288,10 @@ def _ingest(source, dest, options, listing, src_fs, decoder: _Decoder, started: 
 
 def _fingerprint(metadata_bytes: bytes, good: pd.DataFrame, options: IngestOptions) -> str:
     h = hashlib.sha256()
-    h.update(f"schema={store.SCHEMA_VERSION};shape={IMAGE_SHAPE};resample={RESAMPLE.name}\n".encode())
+    # "split=before-decode": since the split is assigned before decoding, a source with
+    # undecodable images may split differently from a store made by an older version.
+    h.update(f"schema={store.SCHEMA_VERSION};shape={IMAGE_SHAPE};resample={RESAMPLE.name};".encode())
+    h.update(b"split=before-decode\n")
     h.update(f"split={options.split};clean={options.clean};seed={options.seed};fractions={options.fractions}\n".encode())
     h.update(hashlib.sha256(metadata_bytes).digest())
     for image_id, md5 in sorted(zip(good["image_id"], good["source_md5"])):
