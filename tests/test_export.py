@@ -118,6 +118,16 @@ def test_quantisation_cost_above_one_point_is_called_out():
     assert ex.format_report(report).splitlines()[1].startswith("QUANTISATION COST")  # first thing printed
 
 
+def test_melanoma_recall_lost_to_quantisation_is_called_out_even_when_balanced_accuracy_holds():
+    # The shape measured on the real data: int8 gained balanced accuracy, lost 10 points of melanoma recall.
+    evaluation = {"keras": {"balanced_accuracy": 0.622, "melanoma_recall": 0.486},
+                  "tflite_float16": {"balanced_accuracy": 0.623, "melanoma_recall": 0.480},
+                  "tflite_int8": {"balanced_accuracy": 0.626, "melanoma_recall": 0.385}}
+    warnings = ex.quantisation_costs(evaluation, 2508)
+    assert len(warnings) == 1
+    assert "tflite_int8 loses 10.1 points of melanoma recall" in warnings[0]
+
+
 def test_cli_exports_the_average_of_two_models(local_experiment, synthetic_store, tmp_path, capsys):
     from skincluster.models import load_model
 
