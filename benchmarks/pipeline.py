@@ -204,9 +204,9 @@ def _variant_batches(name: str):
             kw.update(local_shuffle_buffer_size=buffer, local_shuffle_seed=shuffle_seed)
         return kw
 
-    def ray_kwargs(prefetch=4, buffer_batches=4):
+    def ray_kwargs(prefetch=4, buffer_batches=4, buffer_images=0):
         def batches(shard, batch_size, *, shuffle_seed=None, drop_last=False):
-            kw = iter_kwargs(batch_size, shuffle_seed, prefetch, buffer_batches * batch_size)
+            kw = iter_kwargs(batch_size, shuffle_seed, prefetch, max(buffer_images, buffer_batches * batch_size))
             for batch in shard.iter_batches(drop_last=drop_last, **kw):
                 yield images_from_column(batch.column("image")), labels_from_column(batch.column("label"))
         return batches
@@ -218,38 +218,6 @@ def _variant_batches(name: str):
             yield np.stack([np.frombuffer(b, np.uint8) for b in batch["image"]]).reshape(-1, 100, 125, 3), \
                 batch["label"].astype(np.int32)
 
-    def whole_blocks(block_rows=None, prefetch=1):
-        """Ray hands over whole blocks (or `block_rows`-row pieces); numpy slices the batches.
-
-        The images of a block become one ndarray (zero-copy per chunk, one
-        concatenation); batches are sorted gathers from a seeded permutation of
-        the block, the remainder carried into the next block.
-        """
-        def batches(shard, batch_size, *, shuffle_seed=None, drop_last=False):
-            rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
-            carry_i, carry_l = None, None
-            for block in shard.iter_batches(batch_size=block_rows, batch_format="pyarrow", prefetch_batches=prefetch):
-                images = images_from_column(block.column("image"))
-                labels = labels_from_column(block.column("label"))
-                order = rng.permutation(len(labels)) if rng is not None else np.arange(len(labels))
-                start = 0
-                if carry_i is not None:
-                    need = batch_size - len(carry_l)
-                    idx = np.sort(order[:need])
-                    yield np.concatenate([carry_i, images[idx]]), np.concatenate([carry_l, labels[idx]])
-                    carry_i = carry_l = None
-                    start = need
-                while start + batch_size <= len(order):
-                    idx = np.sort(order[start:start + batch_size])
-                    yield images[idx], labels[idx]
-                    start += batch_size
-                if start < len(order):
-                    idx = np.sort(order[start:])
-                    carry_i, carry_l = images[idx], labels[idx]
-            if carry_i is not None and not drop_last:
-                yield carry_i, carry_l
-        return batches
-
     table = {
         "package": pipeline.ray_batches,
         "no_shuffle_buffer": ray_kwargs(buffer_batches=0),
@@ -258,15 +226,15 @@ def _variant_batches(name: str):
         "shuffle_buffer_4x": ray_kwargs(buffer_batches=4),
         "shuffle_buffer_32x": ray_kwargs(buffer_batches=32),
         "numpy_format": numpy_format,
-        "whole_blocks": whole_blocks(),
-        "blocks_1024": whole_blocks(block_rows=1024, prefetch=2),
+        # The package until 2026-11-26: Ray's row-wise local shuffle buffer.
+        "ray_buffer_1024": ray_kwargs(buffer_images=1024),
         "rebatch_256": pipeline.ray_batches,
     }
     return table[name]
 
 
 RAY_VARIANTS = ("package", "no_shuffle_buffer", "prefetch_1", "prefetch_16", "shuffle_buffer_4x", "shuffle_buffer_32x",
-                "numpy_format", "whole_blocks", "blocks_1024", "rebatch_256")
+                "numpy_format", "ray_buffer_1024", "rebatch_256")
 #: Variants whose generator yields this many batches at once, cut back to the batch size by
 #: `tf.data.Dataset.rebatch` (fewer trips through the Python generator).
 VARIANT_CHUNK = {"rebatch_256": 8}

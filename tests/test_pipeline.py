@@ -44,3 +44,58 @@ def test_ray_train_split_is_shuffled_globally_and_per_epoch(synthetic_store, ray
     epoch1 = np.concatenate([b[1] for b in pipeline.ray_batches(train, 32, shuffle_seed=1)])
     epoch2 = np.concatenate([b[1] for b in pipeline.ray_batches(train, 32, shuffle_seed=2)])
     assert not np.array_equal(epoch1, epoch2)
+
+
+class _BlockShard:
+    """A stand-in for a Ray Train shard: `iter_batches(batch_size=None)` yields its blocks."""
+
+    def __init__(self, labels: np.ndarray, block_rows: list[int]):
+        import pyarrow as pa
+
+        assert sum(block_rows) == len(labels)
+        # Each image carries its own row number in its first bytes, so tests can
+        # check that pixels travel with their labels.
+        images = np.zeros((len(labels), 100, 125, 3), dtype=np.uint8)
+        images[:, 0, 0, 0] = np.arange(len(labels)) % 256
+        images[:, 0, 0, 1] = np.arange(len(labels)) // 256
+        flat = images.reshape(len(labels), -1)
+        self.blocks = []
+        start = 0
+        for rows in block_rows:
+            self.blocks.append(pa.table({
+                "image": pa.array([flat[i].tobytes() for i in range(start, start + rows)], type=pa.binary()),
+                "label": pa.array(labels[start:start + rows], type=pa.int8()),
+            }))
+            start += rows
+
+    def iter_batches(self, *, batch_size, batch_format, prefetch_batches, **kwargs):
+        assert batch_size is None and batch_format == "pyarrow" and not kwargs
+        yield from self.blocks
+
+
+def _row_ids(images: np.ndarray) -> np.ndarray:
+    return images[:, 0, 0, 0].astype(np.int64) + 256 * images[:, 0, 0, 1].astype(np.int64)
+
+
+@pytest.mark.parametrize("block_rows", [[3000], [700, 700, 700, 900], [1] * 40 + [2960], [2999, 1]])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ray_batches_shuffle_windows_deliver_every_row_once(block_rows, drop_last):
+    labels = (np.arange(3000) * 7 // 3000).astype(np.int8)  # sorted by class, like a store
+    shard = _BlockShard(labels, block_rows)
+    batches = list(pipeline.ray_batches(shard, 64, shuffle_seed=3, drop_last=drop_last))
+    sizes = [len(b[1]) for b in batches]
+    full, rest = divmod(3000, 64)
+    assert sizes == [64] * full + ([] if drop_last else [rest])
+    rows = np.concatenate([_row_ids(b[0]) for b in batches])
+    assert len(np.unique(rows)) == len(rows)
+    assert set(rows.tolist()) <= set(range(3000)) and (drop_last or len(rows) == 3000)
+    # Pixels travel with their labels.
+    assert all(np.array_equal(labels[_row_ids(i)], l) for i, l in batches)
+    # Small blocks are shuffled together (a window of SHUFFLE_WINDOW_IMAGES), not one by one.
+    block_of_row = np.repeat(np.arange(len(block_rows)), block_rows)
+    if max(block_rows[:2]) < pipeline.SHUFFLE_WINDOW_IMAGES <= sum(block_rows[:2]):
+        assert len(np.unique(block_of_row[_row_ids(batches[0][0])])) > 1
+    # Seeded: the same seed repeats the order, another seed changes it.
+    again = np.concatenate([_row_ids(b[0]) for b in pipeline.ray_batches(shard, 64, shuffle_seed=3, drop_last=drop_last)])
+    other = np.concatenate([_row_ids(b[0]) for b in pipeline.ray_batches(shard, 64, shuffle_seed=4, drop_last=drop_last)])
+    assert np.array_equal(rows, again) and not np.array_equal(rows, other)

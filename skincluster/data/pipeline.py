@@ -92,8 +92,8 @@ def ray_datasets(store: Store, splits: tuple[str, ...], limit: int | None, seed:
     metadata is sorted by diagnosis, so a stream with only a local shuffle
     buffer fed MobileNet one class after another and every epoch ended on
     nevi (validation balanced accuracy 0.25 where the same run in the
-    array path reached 0.60). `ray_batches`' buffer then varies the order
-    from epoch to epoch.
+    array path reached 0.60). `ray_batches` then varies the order from
+    epoch to epoch.
     """
     import ray.data
 
@@ -118,8 +118,8 @@ def _is_local(store: Store) -> bool:
     return store.fs.type_name == "local"
 
 
-#: Images in each Ray Train worker's shuffle buffer (see ray_batches).
-LOCAL_SHUFFLE_IMAGES = 1024
+#: Fewest images each Ray Train worker shuffles together per epoch (see ray_batches).
+SHUFFLE_WINDOW_IMAGES = 1024
 
 
 def ray_batches(
@@ -129,14 +129,50 @@ def ray_batches(
     shuffle_seed: int | None = None,
     drop_last: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Numpy batches from a Ray Train dataset shard (`ray.train.get_dataset_shard`)."""
-    kwargs = {}
-    if shuffle_seed is not None:
-        # A per-worker shuffle buffer on top of ray_datasets' one global shuffle: a global
-        # shuffle every epoch would move all data. 1,024 images are ~38 MB.
-        kwargs = {"local_shuffle_buffer_size": max(LOCAL_SHUFFLE_IMAGES, 4 * batch_size),
-                  "local_shuffle_seed": shuffle_seed}
-    for batch in shard.iter_batches(
-        batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4, drop_last=drop_last, **kwargs
-    ):
-        yield images_from_column(batch.column("image")), labels_from_column(batch.column("label"))
+    """Numpy batches from a Ray Train dataset shard (`ray.train.get_dataset_shard`).
+
+    With `shuffle_seed`, the per-epoch shuffle on top of ray_datasets' one
+    global shuffle (a global shuffle every epoch would move all data): Ray
+    hands over whole blocks, they are gathered into windows of at least
+    `SHUFFLE_WINDOW_IMAGES` (1,024 images are ~38 MB), and each window is
+    permuted with numpy, the partial batch at its end carried into the next.
+    Ray's own `local_shuffle_buffer_size` does the same job row by row through
+    Arrow and capped the Ray Data path at 0.47 of a raw Parquet read; whole
+    windows reached 0.67 (BENCHMARKS.md).
+    """
+    if shuffle_seed is None:
+        for batch in shard.iter_batches(
+            batch_size=batch_size, batch_format="pyarrow", prefetch_batches=4, drop_last=drop_last
+        ):
+            yield images_from_column(batch.column("image")), labels_from_column(batch.column("label"))
+        return
+    rng = np.random.default_rng(shuffle_seed)
+    window = max(SHUFFLE_WINDOW_IMAGES, 4 * batch_size)
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    pending_rows = 0
+    for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        pending.append((images_from_column(block.column("image")), labels_from_column(block.column("label"))))
+        pending_rows += block.num_rows
+        if pending_rows >= window:
+            carry = yield from _shuffled_batches(pending, batch_size, rng)
+            pending, pending_rows = [carry], len(carry[1])
+    if pending_rows:
+        carry = yield from _shuffled_batches(pending, batch_size, rng)
+        if len(carry[1]) and not drop_last:
+            yield carry
+
+
+def _shuffled_batches(chunks, batch_size: int, rng: np.random.Generator):
+    """Yield full batches of `chunks` in a random order; return the rows left over."""
+    if len(chunks) == 1:
+        images, labels = chunks[0]  # a whole block: no copy until the batch gathers
+    else:
+        images = np.concatenate([c[0] for c in chunks])
+        labels = np.concatenate([c[1] for c in chunks])
+    order = rng.permutation(len(labels))
+    full = len(order) - len(order) % batch_size
+    for start in range(0, full, batch_size):
+        idx = np.sort(order[start:start + batch_size])  # sorted gathers are kinder to the cache
+        yield images[idx], labels[idx]
+    rest = np.sort(order[full:])
+    return images[rest], labels[rest]
