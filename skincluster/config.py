@@ -83,8 +83,9 @@ class Recipe:
     weights: str | None = "imagenet"
     #: MobileNet width multiplier (the shared offline weights are alpha 0.75).
     alpha: float = 1.0
-    #: "balanced": inverse class frequency; "sqrt": its square root (see models.training.class_weights).
-    class_weight: Literal["none", "balanced", "sqrt"] = "none"
+    #: "balanced": inverse class frequency; "sqrt", "fourth_root": that root of
+    #: it, milder (see models.training.class_weights).
+    class_weight: Literal["none", "balanced", "sqrt", "fourth_root"] = "none"
     loss: Literal["crossentropy", "focal"] = "crossentropy"
     focal_gamma: float = 2.0
     #: float16 compute with a float32 softmax; worth it on GPUs only.

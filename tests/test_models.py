@@ -408,6 +408,8 @@ def test_balanced_class_weights_match_sklearn():
     sqrt = class_weights(labels, num_classes=5, mode="sqrt")
     assert [sqrt[c] for c in range(5)] == pytest.approx([weights[c] ** 0.5 for c in range(5)])
     assert sqrt[0] < sqrt[4] < sqrt[1] < sqrt[2]
+    fourth_root = class_weights(labels, num_classes=5, mode="fourth_root")
+    assert [fourth_root[c] for c in range(5)] == pytest.approx([sqrt[c] ** 0.5 for c in range(5)])
     with pytest.raises(ValueError):
         class_weights(labels, num_classes=5, mode="inverse")
 
