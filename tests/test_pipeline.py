@@ -52,21 +52,20 @@ class _BlockShard:
     def __init__(self, labels: np.ndarray, block_rows: list[int]):
         import pyarrow as pa
 
+        from skincluster.data.store import IMAGE_BYTES
+
         assert sum(block_rows) == len(labels)
-        # Each image carries its own row number in its first bytes, so tests can
+        # Each image carries its own row number in its first two bytes, so tests can
         # check that pixels travel with their labels.
-        images = np.zeros((len(labels), 100, 125, 3), dtype=np.uint8)
-        images[:, 0, 0, 0] = np.arange(len(labels)) % 256
-        images[:, 0, 0, 1] = np.arange(len(labels)) // 256
-        flat = images.reshape(len(labels), -1)
+        images = np.zeros((len(labels), IMAGE_BYTES), dtype=np.uint8)
+        images[:, 0] = np.arange(len(labels)) % 256
+        images[:, 1] = np.arange(len(labels)) // 256
         self.blocks = []
-        start = 0
-        for rows in block_rows:
-            self.blocks.append(pa.table({
-                "image": pa.array([flat[i].tobytes() for i in range(start, start + rows)], type=pa.binary()),
-                "label": pa.array(labels[start:start + rows], type=pa.int8()),
-            }))
-            start += rows
+        for start, rows in zip(np.cumsum([0] + block_rows[:-1]), block_rows):
+            offsets = np.arange(rows + 1, dtype=np.int32) * IMAGE_BYTES
+            data = images[start:start + rows].reshape(-1)
+            column = pa.Array.from_buffers(pa.binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+            self.blocks.append(pa.table({"image": column, "label": pa.array(labels[start:start + rows])}))
 
     def iter_batches(self, *, batch_size, batch_format, prefetch_batches, **kwargs):
         assert batch_size is None and batch_format == "pyarrow" and not kwargs
@@ -77,25 +76,34 @@ def _row_ids(images: np.ndarray) -> np.ndarray:
     return images[:, 0, 0, 0].astype(np.int64) + 256 * images[:, 0, 0, 1].astype(np.int64)
 
 
-@pytest.mark.parametrize("block_rows", [[3000], [700, 700, 700, 900], [1] * 40 + [2960], [2999, 1]])
+@pytest.mark.parametrize("rows, batch_size, block_rows", [
+    (3000, 64, [3000]),
+    (3000, 64, [700, 700, 700, 900]),
+    (3000, 64, [1] * 40 + [2960]),
+    (3000, 64, [2999, 1]),
+    (3000, 64, [0, 1500, 0, 1500, 0]),  # empty blocks
+    (3008, 64, [1000, 1000, 1008]),  # a whole number of batches
+    (3000, 400, [500] * 6),  # 4 batches are more than SHUFFLE_WINDOW_IMAGES
+])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_ray_batches_shuffle_windows_deliver_every_row_once(block_rows, drop_last):
-    labels = (np.arange(3000) * 7 // 3000).astype(np.int8)  # sorted by class, like a store
+def test_ray_batches_shuffle_windows_deliver_every_row_once(rows, batch_size, block_rows, drop_last):
+    labels = (np.arange(rows) * 7 // rows).astype(np.int8)  # sorted by class, like a store
     shard = _BlockShard(labels, block_rows)
-    batches = list(pipeline.ray_batches(shard, 64, shuffle_seed=3, drop_last=drop_last))
-    sizes = [len(b[1]) for b in batches]
-    full, rest = divmod(3000, 64)
-    assert sizes == [64] * full + ([] if drop_last else [rest])
-    rows = np.concatenate([_row_ids(b[0]) for b in batches])
-    assert len(np.unique(rows)) == len(rows)
-    assert set(rows.tolist()) <= set(range(3000)) and (drop_last or len(rows) == 3000)
+    batches = list(pipeline.ray_batches(shard, batch_size, shuffle_seed=3, drop_last=drop_last))
+    full, rest = divmod(rows, batch_size)
+    assert [len(b[1]) for b in batches] == [batch_size] * full + ([rest] if rest and not drop_last else [])
+    delivered = np.concatenate([_row_ids(b[0]) for b in batches])
+    assert len(np.unique(delivered)) == len(delivered) == (full * batch_size if drop_last else rows)
     # Pixels travel with their labels.
     assert all(np.array_equal(labels[_row_ids(i)], l) for i, l in batches)
-    # Small blocks are shuffled together (a window of SHUFFLE_WINDOW_IMAGES), not one by one.
+    # Blocks smaller than a window are shuffled together, not one by one.
+    window = max(pipeline.SHUFFLE_WINDOW_IMAGES, 4 * batch_size)
     block_of_row = np.repeat(np.arange(len(block_rows)), block_rows)
-    if max(block_rows[:2]) < pipeline.SHUFFLE_WINDOW_IMAGES <= sum(block_rows[:2]):
+    first_blocks = [r for r in block_rows if r][:2]
+    if max(first_blocks) < window <= sum(first_blocks):
         assert len(np.unique(block_of_row[_row_ids(batches[0][0])])) > 1
     # Seeded: the same seed repeats the order, another seed changes it.
-    again = np.concatenate([_row_ids(b[0]) for b in pipeline.ray_batches(shard, 64, shuffle_seed=3, drop_last=drop_last)])
-    other = np.concatenate([_row_ids(b[0]) for b in pipeline.ray_batches(shard, 64, shuffle_seed=4, drop_last=drop_last)])
-    assert np.array_equal(rows, again) and not np.array_equal(rows, other)
+    def order(seed):
+        return np.concatenate([_row_ids(b[0]) for b in pipeline.ray_batches(shard, batch_size, shuffle_seed=seed,
+                                                                             drop_last=drop_last)])
+    assert np.array_equal(delivered, order(3)) and not np.array_equal(delivered, order(4))

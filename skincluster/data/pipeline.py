@@ -133,12 +133,17 @@ def ray_batches(
 
     With `shuffle_seed`, the per-epoch shuffle on top of ray_datasets' one
     global shuffle (a global shuffle every epoch would move all data): Ray
-    hands over whole blocks, they are gathered into windows of at least
-    `SHUFFLE_WINDOW_IMAGES` (1,024 images are ~38 MB), and each window is
-    permuted with numpy, the partial batch at its end carried into the next.
-    Ray's own `local_shuffle_buffer_size` does the same job row by row through
-    Arrow and capped the Ray Data path at 0.47 of a raw Parquet read; whole
-    windows reached 0.67 (BENCHMARKS.md).
+    hands over whole blocks, which are gathered into windows of at least
+    max(`SHUFFLE_WINDOW_IMAGES`, 4 batches) images, and each window is
+    permuted with numpy; the partial batch at its end is carried into the
+    next. A window holds at most one block more than that (HAM10000's blocks
+    are about 1,000 images, 38 MB) and is never copied as a whole: each batch
+    gathers its rows from the blocks' zero-copy views. Ray's own
+    `local_shuffle_buffer_size` does the same job row by row through Arrow
+    and capped the Ray Data path at 0.47 of a raw Parquet read
+    (BENCHMARKS.md). The rows of a worker's last window, which may be
+    smaller than the others, come at the end of every epoch, shuffled among
+    themselves; after the global shuffle they are a random sample like any.
     """
     if shuffle_seed is None:
         for batch in shard.iter_batches(
@@ -151,6 +156,8 @@ def ray_batches(
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     pending_rows = 0
     for block in shard.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        if block.num_rows == 0:
+            continue
         pending.append((images_from_column(block.column("image")), labels_from_column(block.column("label"))))
         pending_rows += block.num_rows
         if pending_rows >= window:
@@ -162,17 +169,27 @@ def ray_batches(
             yield carry
 
 
-def _shuffled_batches(chunks, batch_size: int, rng: np.random.Generator):
-    """Yield full batches of `chunks` in a random order; return the rows left over."""
-    if len(chunks) == 1:
-        images, labels = chunks[0]  # a whole block: no copy until the batch gathers
-    else:
-        images = np.concatenate([c[0] for c in chunks])
-        labels = np.concatenate([c[1] for c in chunks])
-    order = rng.permutation(len(labels))
+def _shuffled_batches(chunks: list[tuple[np.ndarray, np.ndarray]], batch_size: int, rng: np.random.Generator):
+    """Yield the full batches of `chunks` (images, labels) in a random order; return the rows left over."""
+    starts = np.cumsum([0] + [len(labels) for _, labels in chunks])
+    order = rng.permutation(starts[-1])
     full = len(order) - len(order) % batch_size
-    for start in range(0, full, batch_size):
-        idx = np.sort(order[start:start + batch_size])  # sorted gathers are kinder to the cache
-        yield images[idx], labels[idx]
-    rest = np.sort(order[full:])
-    return images[rest], labels[rest]
+    for first in range(0, full, batch_size):
+        yield _gather(chunks, starts, order[first:first + batch_size])
+    return _gather(chunks, starts, order[full:])
+
+
+def _gather(chunks, starts: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (window positions) of `chunks` as one (images, labels) copy. The rows are
+    gathered in sorted order, which is kinder to the cache; the order inside a batch
+    does not matter to a gradient step."""
+    rows = np.sort(rows)
+    cuts = np.searchsorted(rows, starts)
+    pieces = [(images[rows[a:b] - start], labels[rows[a:b] - start])
+              for (images, labels), start, a, b in zip(chunks, starts, cuts[:-1], cuts[1:]) if b > a]
+    if len(pieces) == 1:
+        return pieces[0]
+    if not pieces:
+        images, labels = chunks[0]
+        return images[:0].copy(), labels[:0].copy()
+    return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
