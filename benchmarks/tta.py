@@ -1,11 +1,12 @@
 """What flip test-time augmentation would add to a trained model, on validation and test.
 
 For each model file, the class probabilities of every image are computed as
-the package computes them (``skincluster.train.evaluate.predict_split``) and
-again as the mean over the four flips (none, horizontal, vertical, both), and
-both are scored with ``skincluster.train.metrics.evaluate_predictions``. The
-ratio that matters is accuracy and balanced accuracy with flips against
-without, on the same images in the same run; the cost is 4x the inference.
+the package's evaluation computes them (``model(batch, training=False)`` on
+batches of ``EVAL_BATCH`` uint8 images) and as the mean over the four flips
+(none, horizontal, vertical, both), and both are scored with
+``skincluster.train.metrics.evaluate_predictions``. What matters is the
+difference, on the same images in the same run, in accuracy and balanced
+accuracy; the cost is 4x the inference.
 
 Usage (from the repository root)::
 
@@ -29,15 +30,21 @@ FIGURES = ("accuracy", "balanced_accuracy", "melanoma_recall", "roc_auc_ovr")
 def flipped_probabilities(model, store, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, plain probabilities, mean over the four flips) of one split."""
     from skincluster.data import pipeline
-    from skincluster.train.evaluate import EVAL_BATCH, predict_split
+    from skincluster.train.evaluate import EVAL_BATCH
 
-    labels, plain = predict_split(model, store, split, None, 0)
-    images, _ = pipeline.read_arrays(store, split)
-    flips = []
+    images, labels = pipeline.read_arrays(store, split)
+    plain, flipped = [], []
     for batch, _ in pipeline.array_batches(images, labels, EVAL_BATCH):
+        # (n, height, width, 3): axis 2 flips left-right, axis 1 top-bottom.
         views = (batch, batch[:, :, ::-1], batch[:, ::-1, :], batch[:, ::-1, ::-1])
-        flips.append(np.mean([np.asarray(model(np.ascontiguousarray(v), training=False), np.float64) for v in views], 0))
-    return labels, plain, np.concatenate(flips)
+        probs = [np.asarray(model(np.ascontiguousarray(v), training=False), np.float64) for v in views]
+        plain.append(probs[0])
+        flipped.append(np.mean(probs, axis=0))
+    return labels, np.concatenate(plain), np.concatenate(flipped)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{path}:{split}"] = scores
             for figure in FIGURES:
                 a, b = scores["plain"][figure], scores["flips"][figure]
-                print(f"| {path} | {split} | {figure} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+                diff = "–" if a is None or b is None else f"{b - a:+.3f}"
+                print(f"| {path} | {split} | {figure} | {_fmt(a)} | {_fmt(b)} | {diff} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": info, "results": results}, fh, indent=2, default=float)
