@@ -5,8 +5,9 @@ hand batches of ``--batch-size`` (32) uint8 images to TensorFlow:
 
 (a) raw read: ``pyarrow.parquet.read_table`` of each train shard file plus
     ``store.images_from_column`` (``np.frombuffer`` on the image column) --
-    the rate at which the store can be read at all (page cache warm; zstd
-    decoding and a fresh allocation every time; ``--raw-passes`` passes);
+    the rate at which the store can be read at all (page cache warm; a
+    fresh allocation, and decompression if the store's pixels are
+    compressed, every time; ``--raw-passes`` passes);
 (b) local path (``--local`` training): ``pipeline.read_arrays`` once, then
     every epoch ``pipeline.array_batches(..., shuffle_seed=epoch,
     drop_last=True)`` through the same ``tf.data.Dataset.from_generator(...)
@@ -25,7 +26,12 @@ and the steady state (epochs 2..N, images over seconds) are reported apart.
 
 ``--variants`` adds Ray-path prototypes of changes to ``pipeline.ray_batches``
 and to the tf.data construction (defined here and swapped in inside the
-worker; the package is not edited): see ``RAY_VARIANTS``. Each variant runs
+worker; the package is not edited): see ``RAY_VARIANTS``. ``ray_buffer_1024``
+is the package until 2026-11-26 (Ray's row-wise ``local_shuffle_buffer_size``
+of 1,024 images instead of shuffling whole blocks with numpy); the
+``*_shuffle_buffer*``, ``prefetch_*`` and ``numpy_format`` variants are
+changes to that design, with a buffer of 4 batches unless named otherwise.
+Each variant runs
 in its own ``TensorflowTrainer.fit``. ``rebatch_256`` (the generator yields 8
 batches at a time and ``tf.data.Dataset.rebatch(32)`` cuts them back) is
 measured on the local path too.
