@@ -16,7 +16,7 @@ import pytest
 from skincluster.config import Scaling
 from skincluster.models import list_models
 from skincluster.train.launch import ResourceError
-from skincluster.tune.compare import Comparison, concurrent_trials, run_comparison
+from skincluster.tune.compare import Comparison, concurrent_trials, resolve_runs, run_comparison
 from skincluster.tune.report import build_report
 
 pytestmark = pytest.mark.ray
@@ -77,6 +77,12 @@ def test_runs_use_absolute_paths_for_relative_arguments(synthetic_store, monkeyp
     monkeypatch.chdir(parent)
     run = resolve_run("nn", name, storage_dir="runs", profile="smoke")
     assert run.data.store == synthetic_store and run.storage == os.path.join(parent, "runs")
+
+
+def test_bad_patience_is_an_error_before_anything_runs(synthetic_store, tmp_path):
+    with pytest.raises(ValueError, match="early_stopping_patience must be at least 0, got -3"):
+        resolve_runs(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", patience=-3, profile="smoke"))
+    assert not os.listdir(tmp_path)
 
 
 def test_concurrency_follows_free_resources():

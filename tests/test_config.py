@@ -19,6 +19,15 @@ def test_bad_overrides_name_the_field(bad):
         replace_fields(Recipe(learning_rate=1e-4, epochs=50), bad)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("epochs", "0"), ("batch_size", "-1"), ("learning_rate", "0"), ("early_stopping_patience", "-3"),
+    ("time_budget_minutes", "0"), ("lr_factor", "1.5"), ("min_lr", "-1e-6"), ("trainable_layers", "-1"),
+])
+def test_impossible_values_are_errors_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        replace_fields(Recipe(learning_rate=1e-4, epochs=50), {field: value})
+
+
 def test_model_prefixed_overrides_apply_to_that_model_only():
     overrides = {"batch_size": "32", "mobilenet:alpha": "0.75", "mobilenet:batch_size": "8"}
     assert overrides_for_model(overrides, "mobilenet") == {"batch_size": "8", "alpha": "0.75"}
