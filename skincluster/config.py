@@ -142,7 +142,19 @@ class Scaling:
     workers: int = 1
     gpus_per_worker: float = 0
     cpus_per_worker: float = 1
+    #: Worker restarts allowed per run; -1: unlimited (Ray's FailureConfig).
     max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker and cpus_per_worker must be at least 0, got "
+                             f"{self.gpus_per_worker} and {self.cpus_per_worker}")
+        if self.gpus_per_worker == 0 and self.cpus_per_worker == 0:
+            raise ValueError("a worker needs a CPU or a GPU: cpus_per_worker and gpus_per_worker are both 0")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be -1 (unlimited) or at least 0, got {self.max_failures}")
 
 
 @dataclass(frozen=True)

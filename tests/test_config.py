@@ -2,7 +2,7 @@
 
 import pytest
 
-from skincluster.config import Recipe, overrides_for_model, parse_assignments, replace_fields
+from skincluster.config import Recipe, Scaling, overrides_for_model, parse_assignments, replace_fields
 
 
 def test_command_line_values_are_typed():
@@ -26,6 +26,16 @@ def test_bad_overrides_name_the_field(bad):
 def test_impossible_values_are_errors_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         replace_fields(Recipe(learning_rate=1e-4, epochs=50), {field: value})
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"workers": 0}, "workers"), ({"gpus_per_worker": -1}, "gpus_per_worker"),
+    ({"cpus_per_worker": 0}, "cpus_per_worker"), ({"max_failures": -2}, "max_failures"),
+])
+def test_impossible_scaling_is_an_error_naming_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        Scaling(**bad)
+    Scaling(cpus_per_worker=0, gpus_per_worker=1)  # a GPU worker may ask for no CPU
 
 
 def test_model_prefixed_overrides_apply_to_that_model_only():
