@@ -340,6 +340,14 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def check_folder_name(name: str, what: str) -> None:
+    """A run or experiment name becomes one folder inside --storage: no separators, no
+    "." or "..", so a name cannot put its files outside --storage."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\") or name != name.strip():
+        raise ValueError(f"{what} {name!r} must be one folder name (no '/', '\\', '.' or '..', "
+                         "no surrounding spaces)")
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
@@ -366,6 +374,9 @@ class TrainRun:
     fail_at_epoch: int | None = None
     fail_rank: int = 0
     fail_marker: str | None = None
+
+    def __post_init__(self) -> None:
+        check_folder_name(self.name, "run name")
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "TrainRun":

@@ -38,6 +38,18 @@ def test_impossible_scaling_is_an_error_naming_the_field(bad, field):
     Scaling(cpus_per_worker=0, gpus_per_worker=1)  # a GPU worker may ask for no CPU
 
 
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".", "", " x", "a\\b"])
+def test_names_must_be_one_folder(name):
+    from skincluster.config import check_folder_name
+    from skincluster.tune.compare import Comparison
+
+    with pytest.raises(ValueError, match="one folder name"):
+        check_folder_name(name, "run name")
+    with pytest.raises(ValueError, match="experiment name"):
+        Comparison(data="store", name=name)
+    check_folder_name("mobilenet-cpu_2.v1", "run name")
+
+
 def test_model_prefixed_overrides_apply_to_that_model_only():
     overrides = {"batch_size": "32", "mobilenet:alpha": "0.75", "mobilenet:batch_size": "8"}
     assert overrides_for_model(overrides, "mobilenet") == {"batch_size": "8", "alpha": "0.75"}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skincluster import storage
-from skincluster.config import Scaling, TrainRun
+from skincluster.config import Scaling, TrainRun, check_folder_name
 from skincluster.data.store import open_store
 from skincluster.train.launch import DATA_CPU_RESERVE, ResourceError, RunFailed, ensure_ray, resolve_run
 
@@ -46,6 +46,9 @@ class Comparison:
     seed: int = 0
     #: None: as many trials at once as the cluster's free CPUs/GPUs fit.
     max_concurrent: int | None = None
+
+    def __post_init__(self) -> None:
+        check_folder_name(self.name, "experiment name")
 
     @property
     def experiment_dir(self) -> str:
