@@ -207,7 +207,7 @@ PROFILES = {
             # (halved on plateaus) validation accuracy jumped 0.55-0.77 from
             # epoch to epoch, and early stopping then picked the luckiest one; a
             # fixed warm-up and cosine schedule ends on weights that settled
-            # (test accuracy 0.747 -> 0.775 in the comparison, 0.784 in a --local
+            # (test accuracy 0.747 -> 0.769-0.775 in two comparisons, 0.784 in a --local
             # run, with the same class weights), so no early stopping: the last
             # epoch's weights are evaluated.
             "mobilenet": {
