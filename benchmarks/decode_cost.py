@@ -52,9 +52,7 @@ import numpy as np
 from PIL import Image
 
 from common import load1, machine
-from ingest import DEFAULT_SOURCE, METADATA, make_copy
-
-STUDY_SIZE = (125, 100)
+from ingest import DEFAULT_SOURCE, METADATA, STUDY_SIZE, make_copy
 
 
 def _draft(data: bytes) -> Image.Image:

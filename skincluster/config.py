@@ -97,31 +97,24 @@ class Recipe:
     def __post_init__(self) -> None:
         # Checked here, not where the values are used, so a bad --set or --patience is
         # an error before anything is launched rather than a failed trial.
-        for name in ("learning_rate", "epochs", "batch_size", "lr_factor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr_patience", "min_lr", "focal_gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        # None (where a field allows it) means "off" and is not checked.
+        for name in ("learning_rate", "epochs", "batch_size", "lr_factor", "alpha", "cosine_decay_epochs",
+                     "time_budget_minutes"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("lr_patience", "min_lr", "focal_gamma", "warmup_epochs", "early_stopping_patience",
+                     "trainable_layers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be at least 0, got {value}")
         if self.lr_factor >= 1:
             raise ValueError(f"lr_factor must be below 1 (it multiplies the LR on a plateau), got {self.lr_factor}")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
-            raise ValueError(f"early_stopping_patience must be at least 0, got {self.early_stopping_patience}")
-        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
-            raise ValueError(f"time_budget_minutes must be positive, got {self.time_budget_minutes}")
-        if self.trainable_layers is not None and self.trainable_layers < 0:
-            raise ValueError(f"trainable_layers must be at least 0, got {self.trainable_layers}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
         if self.reduce_lr_on_plateau and self.cosine_decay_epochs is not None:
             raise ValueError(
                 "reduce_lr_on_plateau and cosine_decay_epochs are two LR schedules; "
                 "set reduce_lr_on_plateau=false to use the cosine one"
             )
-        if self.cosine_decay_epochs is not None and self.cosine_decay_epochs < 1:
-            raise ValueError(f"cosine_decay_epochs must be at least 1, got {self.cosine_decay_epochs}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be at least 0, got {self.warmup_epochs}")
 
 
 @dataclass(frozen=True)

@@ -52,20 +52,18 @@ class _BlockShard:
     def __init__(self, labels: np.ndarray, block_rows: list[int]):
         import pyarrow as pa
 
-        from skincluster.data.store import IMAGE_BYTES
+        from skincluster.data.store import image_column
 
         assert sum(block_rows) == len(labels)
         # Each image carries its own row number in its first two bytes, so tests can
         # check that pixels travel with their labels.
-        images = np.zeros((len(labels), IMAGE_BYTES), dtype=np.uint8)
-        images[:, 0] = np.arange(len(labels)) % 256
-        images[:, 1] = np.arange(len(labels)) // 256
-        self.blocks = []
-        for start, rows in zip(np.cumsum([0] + block_rows[:-1]), block_rows):
-            offsets = np.arange(rows + 1, dtype=np.int32) * IMAGE_BYTES
-            data = images[start:start + rows].reshape(-1)
-            column = pa.Array.from_buffers(pa.binary(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-            self.blocks.append(pa.table({"image": column, "label": pa.array(labels[start:start + rows])}))
+        images = np.zeros((len(labels), 100, 125, 3), dtype=np.uint8)
+        images[:, 0, 0, 0] = np.arange(len(labels)) % 256
+        images[:, 0, 0, 1] = np.arange(len(labels)) // 256
+        self.blocks = [
+            pa.table({"image": image_column(images[start:start + rows]), "label": pa.array(labels[start:start + rows])})
+            for start, rows in zip(np.cumsum([0] + block_rows[:-1]), block_rows)
+        ]
 
     def iter_batches(self, *, batch_size, batch_format, prefetch_batches, **kwargs):
         assert batch_size is None and batch_format == "pyarrow" and not kwargs

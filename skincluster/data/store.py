@@ -163,22 +163,28 @@ def labels_from_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
 
 
+def image_column(images: np.ndarray) -> pa.ChunkedArray:
+    """An (n, 100, 125, 3) uint8 array as the store's binary image column, without a
+    per-row copy: the inverse of `images_from_column`."""
+    flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1)
+    n = len(images)
+    if flat.size != n * IMAGE_BYTES:
+        raise ValueError(f"images have shape {images.shape}, expected (n, {', '.join(map(str, IMAGE_SHAPE))})")
+    # Each chunk's data buffer is a slice of the pixel array itself, offsets every
+    # IMAGE_BYTES; chunks keep those int32 offsets below 2**31 on large splits.
+    chunks = []
+    for start in range(0, n, _IMAGES_PER_CHUNK):
+        count = min(_IMAGES_PER_CHUNK, n - start)
+        offsets = np.arange(count + 1, dtype=np.int32) * IMAGE_BYTES
+        data = flat[start * IMAGE_BYTES : (start + count) * IMAGE_BYTES]
+        chunks.append(pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)]))
+    return pa.chunked_array(chunks, type=pa.binary())
+
+
 def shard_table(rows: dict[str, list], images: np.ndarray | list[bytes]) -> pa.Table:
     """Metadata columns plus the images: an (n, 100, 125, 3) uint8 array (no per-row copy) or raw bytes."""
     if isinstance(images, np.ndarray):
-        flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1)
-        n = len(images)
-        if flat.size != n * IMAGE_BYTES:
-            raise ValueError(f"images have shape {images.shape}, expected (n, {', '.join(map(str, IMAGE_SHAPE))})")
-        # Each chunk's data buffer is a slice of the pixel array itself, offsets every
-        # IMAGE_BYTES; chunks keep those int32 offsets below 2**31 on large splits.
-        chunks = []
-        for start in range(0, n, _IMAGES_PER_CHUNK):
-            count = min(_IMAGES_PER_CHUNK, n - start)
-            offsets = np.arange(count + 1, dtype=np.int32) * IMAGE_BYTES
-            data = flat[start * IMAGE_BYTES : (start + count) * IMAGE_BYTES]
-            chunks.append(pa.Array.from_buffers(pa.binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)]))
-        images = pa.chunked_array(chunks, type=pa.binary())
+        images = image_column(images)
     return pa.Table.from_pydict({**rows, "image": images}, schema=SCHEMA)
 
 
