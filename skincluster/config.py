@@ -83,6 +83,10 @@ class Recipe:
     weights: str | None = "imagenet"
     #: MobileNet width multiplier (the shared offline weights are alpha 0.75).
     alpha: float = 1.0
+    #: Transfer models only: resize the (augmented) image by this factor before
+    #: the backbone, so ImageNet features meet lesion structures nearer the
+    #: scale they were learnt at. Adds no detail; compute grows with its square.
+    input_scale: float = 1.0
     #: "balanced": inverse class frequency; "sqrt", "fourth_root": that root of
     #: it, milder (see models.training.class_weights).
     class_weight: Literal["none", "balanced", "sqrt", "fourth_root"] = "none"
@@ -98,8 +102,8 @@ class Recipe:
         # Checked here, not where the values are used, so a bad --set or --patience is
         # an error before anything is launched rather than a failed trial.
         # None (where a field allows it) means "off" and is not checked.
-        for name in ("learning_rate", "epochs", "batch_size", "lr_factor", "alpha", "cosine_decay_epochs",
-                     "time_budget_minutes"):
+        for name in ("learning_rate", "epochs", "batch_size", "lr_factor", "alpha", "input_scale",
+                     "cosine_decay_epochs", "time_budget_minutes"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")

@@ -330,6 +330,8 @@ def test_from_scratch_models_reject_pretrained_weights_and_alpha():
         create_model("nn", alpha=0.75)
     with pytest.raises(ValueError, match="alpha"):
         create_model("resnet50", weights=None, alpha=0.5)
+    with pytest.raises(ValueError, match="input_scale.*cnn"):
+        create_model("cnn", recipe=dataclasses.replace(get_recipe("cnn"), input_scale=2.0))
 
 
 # Recipe overrides and precision -------------------------------------------------------------
@@ -345,6 +347,24 @@ def test_a_recipe_override_changes_the_built_model():
     assert "augmentation" not in [layer.name for layer in model.layers]
     assert backbone.name.startswith("mobilenet_0.50")  # alpha defaults to the recipe's
     assert backbone_of(create_model("mobilenet", recipe=recipe, alpha=0.25)).name.startswith("mobilenet_0.25")
+
+
+def test_input_scale_resizes_the_image_before_the_backbone(tmp_path):
+    recipe = dataclasses.replace(
+        get_recipe("mobilenet"), input_scale=1.5, augmentation=NO_AUGMENTATION, weights=None, alpha=0.25
+    )
+    keras.utils.set_random_seed(0)
+    model = create_model("mobilenet", recipe=recipe)
+    assert model.input_shape == (None, 100, 125, 3)  # a saved model still takes the stored image
+    assert backbone_of(model).input_shape == (None, 150, 188, 3)  # 187.5 rounds to even
+    assert layer_path_to_output(model)[:3] == ["InputLayer", "Resizing", "Rescaling"]
+    x = random_images(2)
+    upsampled = keras.Model(model.input, model.get_layer("upsample").output)(x)
+    expected = tf.image.resize(tf.cast(x, tf.float32), (150, 188), method="bilinear")
+    np.testing.assert_allclose(upsampled, expected, rtol=0, atol=1e-3)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), rtol=0, atol=1e-6)
 
 
 def test_mixed_precision_keeps_the_softmax_float32():

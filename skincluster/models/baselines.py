@@ -38,6 +38,9 @@ def _standardized_input(spec: BuildSpec) -> tuple[KerasTensor, KerasTensor]:
         raise ValueError(f"{spec.name} is trained from scratch; weights must be None, got {spec.weights!r}")
     if spec.alpha != 1.0:
         raise ValueError(f"alpha is MobileNet's width multiplier; {spec.name} takes none, got {spec.alpha}")
+    if spec.recipe.input_scale != 1.0:
+        raise ValueError(f"input_scale resizes a pretrained backbone's input; {spec.name} has none, "
+                         f"got {spec.recipe.input_scale}")
     channels = spec.input_shape[-1]
     mean = spec.channel_mean or (DEFAULT_PIXEL_MEAN,) * channels
     std = spec.channel_std or (DEFAULT_PIXEL_STD,) * channels

@@ -98,6 +98,20 @@ def backbone_of(model: keras.Model) -> keras.Model | None:
     return backbones[0] if backbones else None
 
 
+def _backbone_input_shape(spec: BuildSpec) -> tuple[int, int, int]:
+    """The image shape scaled by ``recipe.input_scale``, channels unchanged."""
+    height, width = (max(1, round(side * spec.recipe.input_scale)) for side in spec.input_shape[:2])
+    return (height, width, spec.input_shape[2])
+
+
+def _upsample(x: KerasTensor, spec: BuildSpec) -> KerasTensor:
+    """Resize to the backbone's input shape (bilinear); no layer at scale 1."""
+    if spec.recipe.input_scale == 1.0:
+        return x
+    height, width, _ = _backbone_input_shape(spec)
+    return keras.layers.Resizing(height, width, interpolation="bilinear", name="upsample")(x)
+
+
 def _build_backbone(spec: BuildSpec, backbone: _Backbone) -> keras.Model:
     """Build without the top; a weights path is loaded after a weights=None build."""
     kwargs = {"alpha": spec.alpha} if backbone.has_alpha else {}
@@ -109,7 +123,7 @@ def _build_backbone(spec: BuildSpec, backbone: _Backbone) -> keras.Model:
     base = backbone.constructor(
         include_top=False,
         weights=None if from_file else spec.weights,
-        input_shape=spec.input_shape,
+        input_shape=_backbone_input_shape(spec),
         **kwargs,
     )
     if from_file:
@@ -141,6 +155,7 @@ def _transfer_model(
 ) -> keras.Model:
     inputs = image_input(spec)
     x = augment(inputs, spec.recipe.augmentation)
+    x = _upsample(x, spec)
     x = backbone.preprocess()(x)
     base = _build_backbone(spec, backbone)
     _train_only_last(base, spec.recipe.trainable_layers)
