@@ -111,7 +111,8 @@ def _add_recipe_options(p) -> None:
     p.add_argument("--config", default=None, help="JSON file of recipe overrides, e.g. {\"epochs\": 20}")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one recipe field, e.g. --set learning_rate=3e-4 --set augmentation.zoom=0.2; "
-                        "prefix a model to apply it to that model only: --set mobilenet:weights=/path/mobilenet.h5 "
+                        "prefix a model (or a compare --variant) to apply it to that one only: "
+                        "--set mobilenet:weights=/path/mobilenet.h5 "
                         "(repeatable; applied after --config)")
 
 
@@ -124,11 +125,15 @@ def _recipe_overrides(args) -> dict:
 
 
 def _run_train(args) -> int:
+    from skincluster.config import check_override_prefixes
+    from skincluster.models import list_models
     from skincluster.train.evaluate import format_summary
     from skincluster.train.launch import resolve_run, run_local, run_ray
 
+    overrides = _recipe_overrides(args)
+    check_override_prefixes(overrides, list_models())
     run = resolve_run(args.model, args.data, storage_dir=args.storage, name=args.name, profile=args.profile,
-                      overrides=_recipe_overrides(args), limit=args.limit, seed=args.seed, scaling=_scaling(args))
+                      overrides=overrides, limit=args.limit, seed=args.seed, scaling=_scaling(args))
     if args.local and args.workers != 1:
         raise ValueError("--local runs one worker in this process; drop --workers or --local")
     result = run_local(run) if args.local else run_ray(run)
@@ -150,6 +155,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--storage", default="experiments", help="folder or URI for experiments (default ./experiments)")
     p.add_argument("--name", default=None, help="experiment name (default compare-PROFILE); the same name resumes")
     p.add_argument("--models", default=None, help="comma-separated architectures (default: all registered)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=MODEL",
+                   help="one more trial, NAME, of architecture MODEL, told apart by --set NAME:FIELD=VALUE "
+                        "(repeatable): --variant mobilenet_unweighted=mobilenet --set mobilenet_unweighted:class_weight=none")
     p.add_argument("--patience", type=int, default=None,
                    help="early-stopping patience (epochs without val balanced accuracy gain) for recipes that stop early")
     p.add_argument("--scheduler", choices=("plateau", "asha"), default="plateau",
@@ -167,6 +175,7 @@ def _run_compare(args) -> int:
         storage=args.storage,
         name=args.name or f"compare-{args.profile}",
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else (),
+        variants=_variants(args.variant),
         profile=args.profile,
         patience=args.patience,
         scheduler=args.scheduler,
@@ -179,6 +188,18 @@ def _run_compare(args) -> int:
     experiment = run_comparison(spec)
     _print_report_location(experiment)
     return 0
+
+
+def _variants(assignments: list[str]) -> dict[str, str]:
+    variants = {}
+    for text in assignments:
+        name, sep, model = (part.strip() for part in text.partition("="))
+        if not sep or not name or not model:
+            raise ValueError(f"--variant takes NAME=MODEL, e.g. mobilenet_unweighted=mobilenet; got {text!r}")
+        if name in variants:
+            raise ValueError(f"--variant {name} is given twice")
+        variants[name] = model
+    return variants
 
 
 def _add_report(sub) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -311,8 +312,21 @@ def overrides_for_model(overrides: dict[str, Any], model: str) -> dict[str, Any]
     backbone at its own weights file.
     """
     shared = {k: v for k, v in overrides.items() if ":" not in k}
-    own = {k.split(":", 1)[1]: v for k, v in overrides.items() if k.split(":", 1)[0] == model and ":" in k}
-    return {**shared, **own}
+    return {**shared, **prefixed_overrides(overrides, model)}
+
+
+def prefixed_overrides(overrides: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Only the ``prefix:field`` overrides, without the prefix."""
+    return {k.split(":", 1)[1]: v for k, v in overrides.items() if ":" in k and k.split(":", 1)[0] == prefix}
+
+
+def check_override_prefixes(overrides: dict[str, Any], known: Iterable[str]) -> None:
+    """A ``typo:field`` override would silently apply to nothing: make it an error."""
+    known = list(known)
+    for key in overrides:
+        prefix = key.split(":", 1)[0] if ":" in key else None
+        if prefix is not None and prefix not in known:
+            raise ValueError(f"override {key!r}: no model or variant named {prefix!r}; known: {', '.join(known)}")
 
 
 def load_overrides(path: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import time
 import pandas as pd
 import pytest
 
+from skincluster.cli import main as cli_main
 from skincluster.config import Scaling
 from skincluster.models import list_models
 from skincluster.train.launch import ResourceError
@@ -83,6 +85,71 @@ def test_bad_patience_is_an_error_before_anything_runs(synthetic_store, tmp_path
     with pytest.raises(ValueError, match="early_stopping_patience must be at least 0, got -3"):
         resolve_runs(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", patience=-3, profile="smoke"))
     assert not os.listdir(tmp_path)
+
+
+def test_a_variant_is_its_architecture_with_its_own_overrides(synthetic_store, tmp_path):
+    spec = Comparison(
+        data=synthetic_store, storage=str(tmp_path), name="x", profile="cpu", models=("mobilenet",),
+        variants={"mobilenet_unweighted": "mobilenet"},
+        overrides={"mobilenet:alpha": "0.75", "mobilenet_unweighted:class_weight": "none", "batch_size": "16"},
+    )
+    runs = resolve_runs(spec)
+    assert list(runs) == ["mobilenet", "mobilenet_unweighted"]
+    base, variant = runs["mobilenet"], runs["mobilenet_unweighted"]
+    assert variant.model == "mobilenet" and variant.name == "mobilenet_unweighted"
+    assert variant.storage == base.storage  # runs/<trial>/ side by side
+    # The profile's and the architecture's settings, then the variant's own.
+    assert (base.recipe.class_weight, variant.recipe.class_weight) == ("sqrt", "none")
+    assert dataclasses.replace(variant.recipe, class_weight="sqrt") == base.recipe
+    assert variant.recipe.alpha == 0.75 and variant.recipe.batch_size == 16 and variant.recipe.epochs == 30
+
+
+@pytest.mark.parametrize("variants, overrides, message", [
+    ({"mobilenet_x": "mobilnet"}, {}, "unknown model.*mobilnet"),
+    ({"cnn": "mobilenet"}, {}, "variant name.*cnn.*architecture"),
+    ({"../x": "mobilenet"}, {}, "variant name"),
+    ({}, {"mobilnet:alpha": "0.75"}, "mobilnet:alpha.*no model or variant named 'mobilnet'"),
+])
+def test_bad_variants_and_override_prefixes_are_errors_before_anything_runs(
+        synthetic_store, tmp_path, variants, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_runs(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", profile="smoke",
+                                variants=variants, overrides=overrides))
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("argument", ["mobilenet_x", "=mobilenet", "mobilenet_x="])
+def test_cli_variant_needs_a_name_and_a_model(argument, capsys):
+    assert cli_main(["compare", "--data", "nowhere", "--variant", argument]) != 0
+    assert "--variant takes NAME=MODEL" in capsys.readouterr().err
+
+
+def test_train_rejects_an_override_prefix_that_names_no_model(synthetic_store, tmp_path, capsys):
+    args = ["train", "nn", "--data", synthetic_store, "--storage", str(tmp_path), "--local",
+            "--set", "mobilnet:alpha=0.75"]
+    assert cli_main(args) == 2
+    assert "no model or variant named 'mobilnet'" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_asha_compares_variants_of_one_architecture(synthetic_store, tmp_path, ray_session):
+    spec = Comparison(
+        data=synthetic_store, storage=str(tmp_path), name="asha", profile="smoke", scheduler="asha",
+        models=("nn",), variants={"nn_lr3e3": "nn"},
+        overrides={"epochs": "3", "nn_lr3e3:learning_rate": "3e-3"},
+    )
+    experiment = run_comparison(spec, verbose=0)
+    table = pd.read_csv(os.path.join(experiment, "results.csv")).set_index("model")
+    assert sorted(table.index) == ["nn", "nn_lr3e3"]
+    assert set(table["status"]) <= {"finished", "stopped by scheduler"}
+    assert (table["epochs_run"] >= 1).all()
+    configs = {t: json.load(open(os.path.join(experiment, "runs", t, "config.json"))) for t in table.index}
+    assert configs["nn_lr3e3"]["model"] == "nn"
+    assert [configs[t]["recipe"]["learning_rate"] for t in ("nn", "nn_lr3e3")] == [7.5e-4, 3e-3]
+    recorded = json.load(open(os.path.join(experiment, "experiment.json")))["comparison"]
+    assert recorded["scheduler"] == "asha" and recorded["variants"] == {"nn_lr3e3": "nn"}
+    for trial in table.index:
+        assert os.path.exists(os.path.join(experiment, "curves", f"{trial}.png")), trial
 
 
 def test_concurrency_follows_free_resources():

@@ -1,9 +1,9 @@
-"""`skincluster compare`: one Ray Tune trial per architecture, each trial a Ray Train run.
+"""`skincluster compare`: one Ray Tune trial per architecture (and per variant), each trial a Ray Train run.
 
 Layout of an experiment folder ``<storage>/<name>/`` (local or a URI)::
 
     experiment.json          what was asked for, resolved per model
-    runs/<model>/            one Train run each: config, history, model.keras, evaluation.json
+    runs/<trial>/            one Train run each: config, history, model.keras, evaluation.json
     tune/                    Ray Tune's own state (used to restore the experiment)
     results.csv, results.md, report.md, curves/*.png, confusion/*.png, best/model.keras
 
@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from skincluster import storage
-from skincluster.config import Scaling, TrainRun, check_folder_name
+from skincluster.config import (
+    Scaling,
+    TrainRun,
+    check_folder_name,
+    check_override_prefixes,
+    prefixed_overrides,
+    replace_fields,
+)
 from skincluster.data.store import open_store
 from skincluster.train.launch import DATA_CPU_RESERVE, ResourceError, RunFailed, ensure_ray, resolve_run
 
@@ -36,6 +43,10 @@ class Comparison:
     storage: str = "experiments"
     name: str = "compare"
     models: tuple[str, ...] = ()
+    #: Further trials of a registered architecture under their own name (name ->
+    #: architecture), set apart by ``name:field`` overrides; they take the
+    #: architecture's profile settings and ``architecture:field`` overrides first.
+    variants: dict[str, str] = field(default_factory=dict)
     profile: str = "full"
     #: Early-stopping patience for recipes that stop early (the enhanced MobileNet).
     patience: int | None = None
@@ -49,6 +60,8 @@ class Comparison:
 
     def __post_init__(self) -> None:
         check_folder_name(self.name, "experiment name")
+        for variant in self.variants:
+            check_folder_name(variant, "variant name")
 
     @property
     def experiment_dir(self) -> str:
@@ -59,18 +72,25 @@ class Comparison:
 def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
     from skincluster.models import list_models
 
+    """One resolved TrainRun per trial, keyed by trial name: the chosen architectures, then the variants."""
     models = tuple(dict.fromkeys(spec.models)) or tuple(list_models())  # once each, in the given order
-    unknown = [m for m in models if m not in list_models()]
+    unknown = [m for m in (*models, *spec.variants.values()) if m not in list_models()]
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
+    clashes = [v for v in spec.variants if v in list_models()]
+    if clashes:
+        raise ValueError(f"variant name(s) {', '.join(clashes)} are architecture names; name a variant after "
+                         "what sets it apart, e.g. mobilenet_unweighted")
+    check_override_prefixes(spec.overrides, [*list_models(), *spec.variants])
     store = open_store(spec.data)
+    trials = {**{m: m for m in models}, **spec.variants}
     runs = {}
-    for model in models:
+    for trial, model in trials.items():
         run = resolve_run(
             model,
             spec.data,
             storage_dir=storage.join(spec.experiment_dir, "runs"),
-            name=model,
+            name=trial,
             profile=spec.profile,
             overrides=spec.overrides,
             limit=spec.limit,
@@ -78,9 +98,10 @@ def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
             scaling=spec.scaling,
             store=store,
         )
-        if spec.patience is not None and run.recipe.early_stopping_patience is not None:
-            run = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, early_stopping_patience=spec.patience))
-        runs[model] = run
+        recipe = replace_fields(run.recipe, prefixed_overrides(spec.overrides, trial)) if trial != model else run.recipe
+        if spec.patience is not None and recipe.early_stopping_patience is not None:
+            recipe = dataclasses.replace(recipe, early_stopping_patience=spec.patience)
+        runs[trial] = dataclasses.replace(run, recipe=recipe)
     return runs
 
 
@@ -103,7 +124,7 @@ def concurrent_trials(scaling: Scaling, available: dict[str, float]) -> int:
 
 
 def _trial(config: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
-    """One Tune trial: the Train run of one architecture, then its test evaluation."""
+    """One Tune trial: the Train run of one architecture (or variant), then its test evaluation."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from skincluster.train.evaluate import format_summary
@@ -111,7 +132,7 @@ def _trial(config: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
 
     run = TrainRun.from_dict(runs[config["model"]])
     result = run_ray(run, run_config_callbacks=[TuneReportCallback()])
-    print(format_summary(run.model, result.evaluation), flush=True)
+    print(format_summary(run.name, result.evaluation), flush=True)
 
 
 def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
