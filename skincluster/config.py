@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -106,8 +107,8 @@ class Recipe:
         for name in ("learning_rate", "epochs", "batch_size", "lr_factor", "alpha", "input_scale",
                      "cosine_decay_epochs", "time_budget_minutes"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {value}")
         for name in ("lr_patience", "min_lr", "focal_gamma", "warmup_epochs", "early_stopping_patience",
                      "trainable_layers"):
             value = getattr(self, name)
@@ -320,13 +321,14 @@ def prefixed_overrides(overrides: dict[str, Any], prefix: str) -> dict[str, Any]
     return {k.split(":", 1)[1]: v for k, v in overrides.items() if ":" in k and k.split(":", 1)[0] == prefix}
 
 
-def check_override_prefixes(overrides: dict[str, Any], known: Iterable[str]) -> None:
-    """A ``typo:field`` override would silently apply to nothing: make it an error."""
+def check_override_prefixes(overrides: dict[str, Any], known: Iterable[str], what: str = "model") -> None:
+    """A ``typo:field`` override would silently apply to nothing: make it an error.
+    `what` names the kind of prefix in the message ("model", "model or variant")."""
     known = list(known)
     for key in overrides:
         prefix = key.split(":", 1)[0] if ":" in key else None
         if prefix is not None and prefix not in known:
-            raise ValueError(f"override {key!r}: no model or variant named {prefix!r}; known: {', '.join(known)}")
+            raise ValueError(f"override {key!r}: no {what} named {prefix!r}; known: {', '.join(known)}")
 
 
 def load_overrides(path: str) -> dict[str, Any]:

@@ -91,44 +91,64 @@ def test_a_variant_is_its_architecture_with_its_own_overrides(synthetic_store, t
     spec = Comparison(
         data=synthetic_store, storage=str(tmp_path), name="x", profile="cpu", models=("mobilenet",),
         variants={"mobilenet_unweighted": "mobilenet"},
-        overrides={"mobilenet:alpha": "0.75", "mobilenet_unweighted:class_weight": "none", "batch_size": "16"},
+        overrides={"mobilenet:alpha": "0.75", "mobilenet:class_weight": "balanced",
+                   "mobilenet_unweighted:class_weight": "none", "batch_size": "16"},
     )
     runs = resolve_runs(spec)
     assert list(runs) == ["mobilenet", "mobilenet_unweighted"]
     base, variant = runs["mobilenet"], runs["mobilenet_unweighted"]
     assert variant.model == "mobilenet" and variant.name == "mobilenet_unweighted"
     assert variant.storage == base.storage  # runs/<trial>/ side by side
-    # The profile's and the architecture's settings, then the variant's own.
-    assert (base.recipe.class_weight, variant.recipe.class_weight) == ("sqrt", "none")
-    assert dataclasses.replace(variant.recipe, class_weight="sqrt") == base.recipe
+    # The profile's, the shared and the architecture's settings, then the variant's own.
+    assert (base.recipe.class_weight, variant.recipe.class_weight) == ("balanced", "none")
+    assert dataclasses.replace(variant.recipe, class_weight="balanced") == base.recipe
     assert variant.recipe.alpha == 0.75 and variant.recipe.batch_size == 16 and variant.recipe.epochs == 30
 
 
+def test_patience_gives_way_to_a_variants_own(synthetic_store, tmp_path):
+    spec = Comparison(
+        data=synthetic_store, storage=str(tmp_path), name="x", profile="cpu", models=("mobilenet_enhanced",),
+        variants={"enhanced_p20": "mobilenet_enhanced"}, patience=5,
+        overrides={"enhanced_p20:early_stopping_patience": "20"},
+    )
+    runs = resolve_runs(spec)
+    assert runs["mobilenet_enhanced"].recipe.early_stopping_patience == 5
+    assert runs["enhanced_p20"].recipe.early_stopping_patience == 20
+
+
 @pytest.mark.parametrize("variants, overrides, message", [
-    ({"mobilenet_x": "mobilnet"}, {}, "unknown model.*mobilnet"),
-    ({"cnn": "mobilenet"}, {}, "variant name.*cnn.*architecture"),
+    ({"mobilenet_x": "mobilnet"}, {"mobilenet_x:epochs": "3"}, "unknown model.*mobilnet"),
+    ({"cnn": "mobilenet"}, {"cnn:epochs": "3"}, "variant name.*cnn.*architecture"),
     ({"../x": "mobilenet"}, {}, "variant name"),
+    ({"a:b": "mobilenet"}, {}, "variant name 'a:b'"),
+    ({"mobilenet_x": "mobilenet"}, {}, "mobilenet_x would train their architecture unchanged"),
     ({}, {"mobilnet:alpha": "0.75"}, "mobilnet:alpha.*no model or variant named 'mobilnet'"),
 ])
 def test_bad_variants_and_override_prefixes_are_errors_before_anything_runs(
         synthetic_store, tmp_path, variants, overrides, message):
     with pytest.raises(ValueError, match=message):
-        resolve_runs(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", profile="smoke",
-                                variants=variants, overrides=overrides))
+        run_comparison(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", profile="smoke",
+                                  variants=variants, overrides=overrides))
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("argument", ["mobilenet_x", "=mobilenet", "mobilenet_x="])
-def test_cli_variant_needs_a_name_and_a_model(argument, capsys):
-    assert cli_main(["compare", "--data", "nowhere", "--variant", argument]) != 0
-    assert "--variant takes NAME=MODEL" in capsys.readouterr().err
+@pytest.mark.parametrize("arguments, message", [
+    (["--variant", "mobilenet_x"], "--variant takes NAME=MODEL"),
+    (["--variant", "=mobilenet"], "--variant takes NAME=MODEL"),
+    (["--variant", "mobilenet_x="], "--variant takes NAME=MODEL"),
+    (["--variant", "v=nn", "--variant", "v=cnn"], "--variant v is given twice"),
+])
+def test_cli_variant_needs_a_name_and_a_model_once(arguments, message, tmp_path, capsys):
+    assert cli_main(["compare", "--data", "nowhere", "--storage", str(tmp_path), *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
 
 
 def test_train_rejects_an_override_prefix_that_names_no_model(synthetic_store, tmp_path, capsys):
     args = ["train", "nn", "--data", synthetic_store, "--storage", str(tmp_path), "--local",
             "--set", "mobilnet:alpha=0.75"]
     assert cli_main(args) == 2
-    assert "no model or variant named 'mobilnet'" in capsys.readouterr().err
+    assert "no model named 'mobilnet'" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
 
 
@@ -141,15 +161,25 @@ def test_asha_compares_variants_of_one_architecture(synthetic_store, tmp_path, r
     experiment = run_comparison(spec, verbose=0)
     table = pd.read_csv(os.path.join(experiment, "results.csv")).set_index("model")
     assert sorted(table.index) == ["nn", "nn_lr3e3"]
-    assert set(table["status"]) <= {"finished", "stopped by scheduler"}
-    assert (table["epochs_run"] >= 1).all()
+    for trial, row in table.iterrows():
+        ran_all = row["epochs_run"] == 3
+        # ASHA may stop a trial at its rung (epoch 2), never after its last epoch:
+        # a trial that ran all its epochs was evaluated.
+        assert row["status"] == ("finished" if ran_all else "stopped by scheduler"), trial
+        assert os.path.exists(os.path.join(experiment, "runs", trial, "evaluation.json")) == ran_all, trial
+        assert os.path.exists(os.path.join(experiment, "curves", f"{trial}.png")), trial
     configs = {t: json.load(open(os.path.join(experiment, "runs", t, "config.json"))) for t in table.index}
     assert configs["nn_lr3e3"]["model"] == "nn"
     assert [configs[t]["recipe"]["learning_rate"] for t in ("nn", "nn_lr3e3")] == [7.5e-4, 3e-3]
     recorded = json.load(open(os.path.join(experiment, "experiment.json")))["comparison"]
     assert recorded["scheduler"] == "asha" and recorded["variants"] == {"nn_lr3e3": "nn"}
-    for trial in table.index:
-        assert os.path.exists(os.path.join(experiment, "curves", f"{trial}.png")), trial
+
+    # Tune restores the trials it began with, so the same name with another set is refused.
+    more = dataclasses.replace(spec, variants={**spec.variants, "nn_b64": "nn"},
+                               overrides={**spec.overrides, "nn_b64:batch_size": "64"})
+    with pytest.raises(ValueError, match="other trials \\(new: nn_b64\\).*another --name"):
+        run_comparison(more, verbose=0)
+    assert json.load(open(os.path.join(experiment, "experiment.json")))["comparison"]["variants"] == spec.variants
 
 
 def test_concurrency_follows_free_resources():

@@ -330,6 +330,8 @@ def test_from_scratch_models_reject_pretrained_weights_and_alpha():
         create_model("nn", alpha=0.75)
     with pytest.raises(ValueError, match="alpha"):
         create_model("resnet50", weights=None, alpha=0.5)
+    with pytest.raises(ValueError, match="input_scale 0.3 gives the backbone 30x38 pixels"):
+        create_model("mobilenet", recipe=dataclasses.replace(get_recipe("mobilenet"), input_scale=0.3, weights=None))
     with pytest.raises(ValueError, match="input_scale.*cnn"):
         create_model("cnn", recipe=dataclasses.replace(get_recipe("cnn"), input_scale=2.0))
 

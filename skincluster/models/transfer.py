@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 IMAGENET_RGB_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_RGB_STD = (0.229, 0.224, 0.225)
+#: The smallest input side keras.applications accepts for these backbones.
+MIN_BACKBONE_SIDE = 32
 
 
 @keras.saving.register_keras_serializable(package="skincluster")
@@ -100,12 +102,15 @@ def backbone_of(model: keras.Model) -> keras.Model | None:
 
 def _backbone_input_shape(spec: BuildSpec) -> tuple[int, int, int]:
     """The image shape scaled by ``recipe.input_scale``, channels unchanged."""
-    height, width = (max(1, round(side * spec.recipe.input_scale)) for side in spec.input_shape[:2])
+    height, width = (round(side * spec.recipe.input_scale) for side in spec.input_shape[:2])
+    if min(height, width) < MIN_BACKBONE_SIDE:
+        raise ValueError(f"input_scale {spec.recipe.input_scale} gives the backbone {height}x{width} pixels; "
+                         f"Keras' ImageNet backbones need at least {MIN_BACKBONE_SIDE} on each side")
     return (height, width, spec.input_shape[2])
 
 
 def _upsample(x: KerasTensor, spec: BuildSpec) -> KerasTensor:
-    """Resize to the backbone's input shape (bilinear); no layer at scale 1."""
+    """Resize to the backbone's input shape (bilinear; named for the usual scale > 1); no layer at 1."""
     if spec.recipe.input_scale == 1.0:
         return x
     height, width, _ = _backbone_input_shape(spec)

@@ -62,6 +62,9 @@ class Comparison:
         check_folder_name(self.name, "experiment name")
         for variant in self.variants:
             check_folder_name(variant, "variant name")
+            if any(c in variant for c in ":,="):
+                raise ValueError(f"variant name {variant!r}: ':', ',' and '=' separate --set and --variant "
+                                 "arguments; use letters, digits, '_' and '-'")
 
     @property
     def experiment_dir(self) -> str:
@@ -70,9 +73,9 @@ class Comparison:
 
 
 def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
+    """One resolved TrainRun per trial, keyed by trial name: the chosen architectures, then the variants."""
     from skincluster.models import list_models
 
-    """One resolved TrainRun per trial, keyed by trial name: the chosen architectures, then the variants."""
     models = tuple(dict.fromkeys(spec.models)) or tuple(list_models())  # once each, in the given order
     unknown = [m for m in (*models, *spec.variants.values()) if m not in list_models()]
     if unknown:
@@ -81,7 +84,11 @@ def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
     if clashes:
         raise ValueError(f"variant name(s) {', '.join(clashes)} are architecture names; name a variant after "
                          "what sets it apart, e.g. mobilenet_unweighted")
-    check_override_prefixes(spec.overrides, [*list_models(), *spec.variants])
+    check_override_prefixes(spec.overrides, [*list_models(), *spec.variants], "model or variant")
+    alike = [v for v in spec.variants if not prefixed_overrides(spec.overrides, v)]
+    if alike:
+        raise ValueError(f"variant(s) {', '.join(alike)} would train their architecture unchanged; "
+                         f"set them apart with --set {alike[0]}:FIELD=VALUE")
     store = open_store(spec.data)
     trials = {**{m: m for m in models}, **spec.variants}
     runs = {}
@@ -98,9 +105,11 @@ def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
             scaling=spec.scaling,
             store=store,
         )
-        recipe = replace_fields(run.recipe, prefixed_overrides(spec.overrides, trial)) if trial != model else run.recipe
+        recipe = run.recipe
         if spec.patience is not None and recipe.early_stopping_patience is not None:
             recipe = dataclasses.replace(recipe, early_stopping_patience=spec.patience)
+        if trial != model:  # a variant's own settings come last, --patience included
+            recipe = replace_fields(recipe, prefixed_overrides(spec.overrides, trial))
         runs[trial] = dataclasses.replace(run, recipe=recipe)
     return runs
 
@@ -144,6 +153,8 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
 
     runs = resolve_runs(spec)
     fs, path = storage.resolve(spec.experiment_dir)
+    tune_path = storage.join(spec.experiment_dir, "tune")
+    _check_same_trials(fs, path, runs, tune.Tuner.can_restore(tune_path))
     fs.create_dir(path, recursive=True)
     storage.write_json_atomic(
         fs,
@@ -157,7 +168,6 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
         tune.with_parameters(_trial, runs={m: dataclasses.asdict(r) for m, r in runs.items()}),
         {"cpu": TRIAL_CPU},
     )
-    tune_path = storage.join(spec.experiment_dir, "tune")
     if tune.Tuner.can_restore(tune_path):
         # The driver died: finished trials stay finished, the others start again
         # and their Train runs resume from their own checkpoints.
@@ -190,6 +200,19 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     return spec.experiment_dir
 
 
+def _check_same_trials(fs, path: str, runs: dict[str, TrainRun], resuming: bool) -> None:
+    """Tune restores the trials it started with: a resumed experiment cannot gain or lose one."""
+    if not resuming or not storage.exists(fs, f"{path}/experiment.json"):
+        return
+    before = set(storage.read_json(fs, f"{path}/experiment.json")["runs"])
+    if before == set(runs):
+        return
+    changes = [f"{what}: {', '.join(sorted(names))}"
+               for what, names in (("new", set(runs) - before), ("missing", before - set(runs))) if names]
+    raise ValueError(f"{path} holds an experiment of other trials ({'; '.join(changes)}); "
+                     "ask for the same --models and --variant to resume it, or use another --name")
+
+
 def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -205,6 +228,8 @@ def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):
             # One past the longest budget: a trial that completes its epochs must end
             # by itself (and be evaluated), not be stopped by ASHA at max_t.
             max_t=max(r.recipe.epochs for r in runs.values()) + 1,
-            grace_period=min(5, min(r.recipe.epochs for r in runs.values())),
+            # Below the shortest budget, so ASHA can stop a trial before its last
+            # epoch (a stop at the last report would only skip its evaluation).
+            grace_period=max(1, min(5, min(r.recipe.epochs for r in runs.values()) - 1)),
         )
     raise ValueError(f"unknown scheduler {spec.scheduler!r}: expected plateau or asha")

@@ -1,12 +1,13 @@
 """Build the comparison report from an experiment folder alone (`skincluster report`).
 
-Reads ``experiment.json`` and each ``runs/<model>/`` (history, evaluation);
+Reads ``experiment.json`` and each ``runs/<trial>/`` (history, evaluation;
+a trial is an architecture or a ``--variant`` of one);
 a trial stopped by the scheduler before it finished has no evaluation, and its
 curves come from the metrics Tune recorded. Writes results.csv, results.md,
 report.md, curves/*.png, confusion/*.png and best/model.keras.
 
 The leaderboard (results.md, report.md) also has an **ensemble** row: the two
-architectures with the best validation balanced accuracy among the trials
+trials with the best validation balanced accuracy among the trials
 that saved a final model, their probabilities averaged, evaluated on the same
 test split. It is cached in ``ensemble/evaluation.json`` (recomputed only when
 a member's evaluation changes). results.csv keeps one row per trial.
@@ -34,7 +35,7 @@ STUDY_REPORTED = {
     "mobilenet_enhanced": {"test_accuracy": 0.83, "epochs": 500, "hours": 18.0},
 }
 
-#: Members of the ensemble row: the best architectures by validation balanced accuracy.
+#: Members of the ensemble row: the best trials by validation balanced accuracy.
 ENSEMBLE_SIZE = 2
 ENSEMBLE_STATUS = "ensemble"
 
