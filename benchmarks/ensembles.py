@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine("tensorflow")
     print(f"machine: {info['nproc']} x {info['cpu']}; TensorFlow {info['tensorflow']}")
     store = open_store(args.data)
+    paths = dict(zip(model_names(args.models), args.models))
     probabilities: dict[str, dict[str, np.ndarray]] = {}
     labels: dict[str, np.ndarray] = {}
-    for name, path in zip(model_names(args.models), args.models):
+    for name, path in paths.items():
         model = load_model(path)
         probabilities[name] = {}
         for split in SPLITS:
@@ -115,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": info, "models": dict(zip(model_names(args.models), args.models)), "rows": rows},
-                      fh, indent=2, default=float)
+            json.dump({"machine": info, "models": paths, "rows": rows}, fh, indent=2, default=float)
     return 0
 
 

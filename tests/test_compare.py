@@ -83,7 +83,7 @@ def test_runs_use_absolute_paths_for_relative_arguments(synthetic_store, monkeyp
 
 def test_bad_patience_is_an_error_before_anything_runs(synthetic_store, tmp_path):
     with pytest.raises(ValueError, match="early_stopping_patience must be at least 0, got -3"):
-        resolve_runs(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", patience=-3, profile="smoke"))
+        run_comparison(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", patience=-3, profile="smoke"))
     assert not os.listdir(tmp_path)
 
 

@@ -154,7 +154,8 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     runs = resolve_runs(spec)
     fs, path = storage.resolve(spec.experiment_dir)
     tune_path = storage.join(spec.experiment_dir, "tune")
-    _check_same_trials(fs, path, runs, tune.Tuner.can_restore(tune_path))
+    resuming = tune.Tuner.can_restore(tune_path)
+    _check_same_trials(fs, path, runs, resuming)
     fs.create_dir(path, recursive=True)
     storage.write_json_atomic(
         fs,
@@ -168,7 +169,7 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
         tune.with_parameters(_trial, runs={m: dataclasses.asdict(r) for m, r in runs.items()}),
         {"cpu": TRIAL_CPU},
     )
-    if tune.Tuner.can_restore(tune_path):
+    if resuming:
         # The driver died: finished trials stay finished, the others start again
         # and their Train runs resume from their own checkpoints.
         tuner = tune.Tuner.restore(tune_path, trainable, resume_errored=True, restart_errored=False)
