@@ -94,6 +94,9 @@ class Recipe:
     class_weight: Literal["none", "balanced", "sqrt", "fourth_root"] = "none"
     loss: Literal["crossentropy", "focal"] = "crossentropy"
     focal_gamma: float = 2.0
+    #: Train against targets of 1 - label_smoothing + label_smoothing / K for
+    #: the true class and label_smoothing / K for each other one (0: one-hot).
+    label_smoothing: float = 0.0
     #: float16 compute with a float32 softmax; worth it on GPUs only.
     mixed_precision: bool = False
     #: Stop after the epoch that exhausts this much training time (None: no limit).
@@ -114,6 +117,8 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be at least 0, got {value}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.lr_factor >= 1:
             raise ValueError(f"lr_factor must be below 1 (it multiplies the LR on a plateau), got {self.lr_factor}")
         if self.reduce_lr_on_plateau and self.cosine_decay_epochs is not None:

@@ -22,7 +22,8 @@ def test_bad_overrides_name_the_field(bad):
 @pytest.mark.parametrize("field, value", [
     ("epochs", "0"), ("batch_size", "-1"), ("learning_rate", "0"), ("early_stopping_patience", "-3"),
     ("time_budget_minutes", "0"), ("lr_factor", "1.5"), ("min_lr", "-1e-6"), ("trainable_layers", "-1"),
-    ("input_scale", "0"), ("input_scale", "inf"),
+    ("input_scale", "0"), ("input_scale", "inf"), ("label_smoothing", "1"), ("label_smoothing", "-0.1"),
+    ("label_smoothing", "nan"),
 ])
 def test_impossible_values_are_errors_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -17,6 +17,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from skincluster.config import ENHANCED_AUGMENTATION, NO_AUGMENTATION, STUDY_AUGMENTATION
 from skincluster.models import (
     SparseCategoricalFocalLoss,
+    SparseCategoricalSmoothedCrossentropy,
     backbone_of,
     build_callbacks,
     class_weights,
@@ -413,6 +414,36 @@ def test_focal_loss_is_chosen_by_the_recipe_and_serialises():
     assert isinstance(restored, SparseCategoricalFocalLoss) and restored.gamma == 3.0
     default = compile_model(create_model("nn"), get_recipe("nn"), num_classes=7)
     assert isinstance(default.loss, keras.losses.SparseCategoricalCrossentropy)
+
+
+def test_label_smoothing_mixes_the_one_hot_target_with_a_uniform_one():
+    rng = np.random.default_rng(1)
+    probabilities = rng.dirichlet(np.ones(7), size=16).astype(np.float32)
+    labels = rng.integers(0, 7, size=16)
+    p_true = probabilities[np.arange(16), labels]
+    # Target 1 - e + e/7 on the true class and e/7 on each other one.
+    expected = np.mean(-(1 - 0.2) * np.log(p_true) - 0.2 / 7 * np.log(probabilities).sum(axis=1))
+    smoothed = SparseCategoricalSmoothedCrossentropy(label_smoothing=0.2)
+    assert float(smoothed(labels, probabilities)) == pytest.approx(expected, rel=1e-5)
+    assert float(smoothed(labels[:, None], probabilities)) == pytest.approx(expected, rel=1e-5)
+    crossentropy = float(keras.losses.SparseCategoricalCrossentropy()(labels, probabilities))
+    unsmoothed = SparseCategoricalSmoothedCrossentropy(label_smoothing=0.0)
+    assert float(unsmoothed(labels, probabilities)) == pytest.approx(crossentropy, rel=1e-5)
+    # Focal loss smooths the same target: at gamma 0 it is the smoothed cross-entropy.
+    focal = SparseCategoricalFocalLoss(gamma=0.0, label_smoothing=0.2)
+    assert float(focal(labels, probabilities)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_label_smoothing_is_chosen_by_the_recipe_and_serialises():
+    recipe = dataclasses.replace(get_recipe("nn"), label_smoothing=0.1)
+    model = compile_model(create_model("nn"), recipe, num_classes=7)
+    assert isinstance(model.loss, SparseCategoricalSmoothedCrossentropy) and model.loss.label_smoothing == 0.1
+    restored = keras.losses.deserialize(keras.losses.serialize(model.loss))
+    assert isinstance(restored, SparseCategoricalSmoothedCrossentropy) and restored.label_smoothing == 0.1
+    focal = compile_model(create_model("nn"), dataclasses.replace(recipe, loss="focal"), num_classes=7)
+    assert isinstance(focal.loss, SparseCategoricalFocalLoss) and focal.loss.label_smoothing == 0.1
+    restored = keras.losses.deserialize(keras.losses.serialize(focal.loss))
+    assert restored.label_smoothing == 0.1
 
 
 def test_balanced_class_weights_match_sklearn():

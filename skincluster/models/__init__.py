@@ -19,6 +19,7 @@ from skincluster.models.registry import (
 )
 from skincluster.models.training import (
     SparseCategoricalFocalLoss,
+    SparseCategoricalSmoothedCrossentropy,
     build_callbacks,
     class_weights,
     compile_model,
@@ -42,6 +43,7 @@ __all__ = [
     "FROM_RECIPE",
     "BuildSpec",
     "SparseCategoricalFocalLoss",
+    "SparseCategoricalSmoothedCrossentropy",
     "backbone_of",
     "build_callbacks",
     "class_weights",

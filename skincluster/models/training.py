@@ -43,23 +43,60 @@ class SparseCategoricalFocalLoss(keras.losses.Loss):
     term: per-class weighting is fit(class_weight=...)'s job.
     """
 
-    def __init__(self, gamma: float = 2.0, name: str = "sparse_categorical_focal_loss", **kwargs: Any):
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        label_smoothing: float = 0.0,
+        name: str = "sparse_categorical_focal_loss",
+        **kwargs: Any,
+    ):
         super().__init__(name=name, **kwargs)
         self.gamma = gamma
+        self.label_smoothing = label_smoothing
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
-        labels = tf.reshape(tf.cast(y_true, tf.int32), tf.shape(y_pred)[:-1])
-        one_hot = tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
-        return keras.losses.categorical_focal_crossentropy(one_hot, y_pred, alpha=1.0, gamma=self.gamma)
+        return keras.losses.categorical_focal_crossentropy(
+            _one_hot(y_true, y_pred), y_pred, alpha=1.0, gamma=self.gamma, label_smoothing=self.label_smoothing
+        )
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "gamma": self.gamma}
+        return {**super().get_config(), "gamma": self.gamma, "label_smoothing": self.label_smoothing}
+
+
+@keras.saving.register_keras_serializable(package="skincluster")
+class SparseCategoricalSmoothedCrossentropy(keras.losses.Loss):
+    """Cross-entropy for integer labels against smoothed one-hot targets:
+    1 - label_smoothing + label_smoothing / K for the true class and
+    label_smoothing / K for the others (Keras' own sparse loss has no smoothing).
+
+    Keeps the network from driving the nevus logit ever higher on a data set
+    that is two thirds nevi; 0 is plain sparse categorical cross-entropy.
+    """
+
+    def __init__(self, label_smoothing: float = 0.1, name: str = "sparse_categorical_smoothed_crossentropy", **kwargs: Any):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        y_pred = tf.convert_to_tensor(y_pred)
+        return keras.losses.categorical_crossentropy(_one_hot(y_true, y_pred), y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+def _one_hot(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Integer labels, flat or as the column Keras passes, as one-hot rows like y_pred."""
+    labels = tf.reshape(tf.cast(y_true, tf.int32), tf.shape(y_pred)[:-1])
+    return tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
 
 
 def make_loss(recipe: Recipe) -> keras.losses.Loss:
     if recipe.loss == "focal":
-        return SparseCategoricalFocalLoss(gamma=recipe.focal_gamma)
+        return SparseCategoricalFocalLoss(gamma=recipe.focal_gamma, label_smoothing=recipe.label_smoothing)
+    if recipe.label_smoothing:
+        return SparseCategoricalSmoothedCrossentropy(label_smoothing=recipe.label_smoothing)
     return keras.losses.SparseCategoricalCrossentropy()
 
 
