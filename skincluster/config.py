@@ -81,6 +81,11 @@ class Recipe:
     early_stopping_patience: int | None = None
     #: Backbone layers left trainable, counted from the end (None: no backbone).
     trainable_layers: int | None = None
+    #: Transfer models only. False: the backbone's BatchNorm layers keep their
+    #: ImageNet statistics while fine-tuning (Keras' advice). True: trainable
+    #: ones run in training mode in fit() and move their statistics to the
+    #: dermoscopy images, as Keras did when the study was written.
+    adapt_batchnorm: bool = False
     #: "imagenet", None (random init) or a path/URI to a Keras weights file.
     weights: str | None = "imagenet"
     #: MobileNet width multiplier (the shared offline weights are alpha 0.75).

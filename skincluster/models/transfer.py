@@ -164,8 +164,9 @@ def _transfer_model(
     x = backbone.preprocess()(x)
     base = _build_backbone(spec, backbone)
     _train_only_last(base, spec.recipe.trainable_layers)
-    # training=False keeps BatchNorm in inference mode even during fit().
-    x = base(x, training=False)
+    # training=False keeps BatchNorm in inference mode even during fit();
+    # None lets fit() run the trainable BatchNorm layers in training mode.
+    x = base(x, training=None if spec.recipe.adapt_batchnorm else False)
     return keras.Model(inputs, head(x, spec), name=spec.name)
 
 
