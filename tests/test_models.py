@@ -333,6 +333,22 @@ def test_from_scratch_models_reject_pretrained_weights_and_alpha():
         create_model("resnet50", weights=None, alpha=0.5)
     with pytest.raises(ValueError, match="input_scale.*cnn"):
         create_model("cnn", recipe=dataclasses.replace(get_recipe("cnn"), input_scale=2.0))
+    with pytest.raises(ValueError, match="adapt_batchnorm.*nn"):
+        create_model("nn", recipe=dataclasses.replace(get_recipe("nn"), adapt_batchnorm=True))
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_backbone_batchnorm_statistics_move_only_when_adapted(adapt):
+    recipe = dataclasses.replace(get_recipe("mobilenet"), weights=None, trainable_layers=None, adapt_batchnorm=adapt)
+    model = compile_model(create_model("mobilenet", recipe=recipe), recipe, num_classes=7)
+    norms = [layer for layer in backbone_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    before = [norm.moving_mean.numpy().copy() for norm in norms]
+    images = np.random.default_rng(0).integers(0, 256, (8, 100, 125, 3), dtype=np.uint8)
+    model.fit(images, np.arange(8) % 7, epochs=1, batch_size=8, verbose=0)
+    moved = [not np.allclose(b, norm.moving_mean.numpy()) for b, norm in zip(before, norms)]
+    assert all(moved) if adapt else not any(moved)
+    # Inference stays deterministic either way: predict() uses the moving statistics.
+    np.testing.assert_allclose(model.predict(images, verbose=0), model.predict(images, verbose=0))
 
 
 # Recipe overrides and precision -------------------------------------------------------------
