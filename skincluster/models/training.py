@@ -70,17 +70,24 @@ class SparseCategoricalSmoothedCrossentropy(keras.losses.Loss):
     1 - label_smoothing + label_smoothing / K for the true class and
     label_smoothing / K for the others (Keras' own sparse loss has no smoothing).
 
-    Keeps the network from driving the nevus logit ever higher on a data set
-    that is two thirds nevi; 0 is plain sparse categorical cross-entropy.
+    A regulariser: the loss stops rewarding ever more confident predictions
+    once the target is met. 0 is plain sparse categorical cross-entropy.
     """
 
-    def __init__(self, label_smoothing: float = 0.1, name: str = "sparse_categorical_smoothed_crossentropy", **kwargs: Any):
+    def __init__(
+        self,
+        label_smoothing: float = 0.1,
+        name: str = "sparse_categorical_smoothed_crossentropy",
+        **kwargs: Any,
+    ):
         super().__init__(name=name, **kwargs)
         self.label_smoothing = label_smoothing
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
-        return keras.losses.categorical_crossentropy(_one_hot(y_true, y_pred), y_pred, label_smoothing=self.label_smoothing)
+        return keras.losses.categorical_crossentropy(
+            _one_hot(y_true, y_pred), y_pred, label_smoothing=self.label_smoothing
+        )
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
