@@ -451,15 +451,16 @@ def test_label_smoothing_mixes_the_one_hot_target_with_a_uniform_one():
 
 
 def test_label_smoothing_is_chosen_by_the_recipe_and_serialises():
-    recipe = dataclasses.replace(get_recipe("nn"), label_smoothing=0.1)
+    # 0.15 is neither loss class's default, so a config that drops the value cannot pass.
+    recipe = dataclasses.replace(get_recipe("nn"), label_smoothing=0.15)
     model = compile_model(create_model("nn"), recipe, num_classes=7)
-    assert isinstance(model.loss, SparseCategoricalSmoothedCrossentropy) and model.loss.label_smoothing == 0.1
+    assert isinstance(model.loss, SparseCategoricalSmoothedCrossentropy) and model.loss.label_smoothing == 0.15
     restored = keras.losses.deserialize(keras.losses.serialize(model.loss))
-    assert isinstance(restored, SparseCategoricalSmoothedCrossentropy) and restored.label_smoothing == 0.1
+    assert isinstance(restored, SparseCategoricalSmoothedCrossentropy) and restored.label_smoothing == 0.15
     focal = compile_model(create_model("nn"), dataclasses.replace(recipe, loss="focal"), num_classes=7)
-    assert isinstance(focal.loss, SparseCategoricalFocalLoss) and focal.loss.label_smoothing == 0.1
+    assert isinstance(focal.loss, SparseCategoricalFocalLoss) and focal.loss.label_smoothing == 0.15
     restored = keras.losses.deserialize(keras.losses.serialize(focal.loss))
-    assert restored.label_smoothing == 0.1
+    assert isinstance(restored, SparseCategoricalFocalLoss) and restored.label_smoothing == 0.15
 
 
 def test_balanced_class_weights_match_sklearn():

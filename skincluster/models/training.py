@@ -40,7 +40,9 @@ class SparseCategoricalFocalLoss(keras.losses.Loss):
 
     Down-weights examples the model already gets right, so the rare classes
     weigh more; gamma=0 is plain sparse categorical cross-entropy. No alpha
-    term: per-class weighting is fit(class_weight=...)'s job.
+    term: per-class weighting is fit(class_weight=...)'s job. With label
+    smoothing the targets t are smoothed one-hot rows and the loss is
+    sum_k t_k * -(1 - p_k)^gamma * log(p_k).
     """
 
     def __init__(
@@ -76,7 +78,7 @@ class SparseCategoricalSmoothedCrossentropy(keras.losses.Loss):
 
     def __init__(
         self,
-        label_smoothing: float = 0.1,
+        label_smoothing: float = 0.0,
         name: str = "sparse_categorical_smoothed_crossentropy",
         **kwargs: Any,
     ):
