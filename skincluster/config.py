@@ -124,6 +124,10 @@ class Recipe:
                 raise ValueError(f"{name} must be at least 0, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.adapt_batchnorm and self.trainable_layers == 0:
+            # A frozen BatchNorm layer runs in inference mode whatever fit() asks.
+            raise ValueError("adapt_batchnorm=True has nothing to adapt with trainable_layers=0: "
+                             "a frozen backbone's BatchNorm statistics never move")
         if self.lr_factor >= 1:
             raise ValueError(f"lr_factor must be below 1 (it multiplies the LR on a plateau), got {self.lr_factor}")
         if self.reduce_lr_on_plateau and self.cosine_decay_epochs is not None:

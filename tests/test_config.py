@@ -30,6 +30,14 @@ def test_impossible_values_are_errors_naming_the_field(field, value):
         replace_fields(Recipe(learning_rate=1e-4, epochs=50), {field: value})
 
 
+def test_adapting_batchnorm_of_a_frozen_backbone_is_an_error_naming_both_fields():
+    recipe = Recipe(learning_rate=1e-4, epochs=50, trainable_layers=0)
+    with pytest.raises(ValueError, match="adapt_batchnorm.*trainable_layers=0"):
+        replace_fields(recipe, {"adapt_batchnorm": "true"})
+    replace_fields(recipe, {"adapt_batchnorm": "false"})
+    replace_fields(Recipe(learning_rate=1e-4, epochs=50, trainable_layers=1), {"adapt_batchnorm": "true"})
+
+
 @pytest.mark.parametrize("bad, field", [
     ({"workers": 0}, "workers"), ({"gpus_per_worker": -1}, "gpus_per_worker"),
     ({"cpus_per_worker": 0}, "cpus_per_worker"), ({"max_failures": -2}, "max_failures"),

@@ -337,16 +337,24 @@ def test_from_scratch_models_reject_pretrained_weights_and_alpha():
         create_model("nn", recipe=dataclasses.replace(get_recipe("nn"), adapt_batchnorm=True))
 
 
-@pytest.mark.parametrize("adapt", [False, True])
-def test_backbone_batchnorm_statistics_move_only_when_adapted(adapt):
-    recipe = dataclasses.replace(get_recipe("mobilenet"), weights=None, trainable_layers=None, adapt_batchnorm=adapt)
+@pytest.mark.parametrize("adapt, trainable_layers", [(False, None), (True, None), (True, 10)])
+def test_backbone_batchnorm_statistics_move_only_when_adapted(adapt, trainable_layers):
+    recipe = dataclasses.replace(
+        get_recipe("mobilenet"), weights=None, trainable_layers=trainable_layers, adapt_batchnorm=adapt
+    )
     model = compile_model(create_model("mobilenet", recipe=recipe), recipe, num_classes=7)
     norms = [layer for layer in backbone_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    trainable = [norm.trainable for norm in norms]
+    assert any(trainable) and (trainable_layers is None or not all(trainable))
     before = [norm.moving_mean.numpy().copy() for norm in norms]
     images = np.random.default_rng(0).integers(0, 256, (8, 100, 125, 3), dtype=np.uint8)
     model.fit(images, np.arange(8) % 7, epochs=1, batch_size=8, verbose=0)
-    moved = [not np.allclose(b, norm.moving_mean.numpy()) for b, norm in zip(before, norms)]
-    assert all(moved) if adapt else not any(moved)
+    # Exact comparison: behind a frozen random-init stem the activations, and so
+    # the updates, are tiny (1e-19) but non-zero; a layer that does not adapt
+    # leaves its statistics bit for bit.
+    moved = [not np.array_equal(b, norm.moving_mean.numpy()) for b, norm in zip(before, norms)]
+    # Only adapted, trainable BatchNorm layers move; frozen ones keep their statistics.
+    assert moved == [adapt and is_trainable for is_trainable in trainable]
     # Inference stays deterministic either way: predict() uses the moving statistics.
     np.testing.assert_allclose(model.predict(images, verbose=0), model.predict(images, verbose=0))
 

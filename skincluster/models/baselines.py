@@ -43,7 +43,7 @@ def _standardized_input(spec: BuildSpec) -> tuple[KerasTensor, KerasTensor]:
                          f"got {spec.recipe.input_scale}")
     if spec.recipe.adapt_batchnorm:
         raise ValueError(f"adapt_batchnorm is about a pretrained backbone's BatchNorm statistics; {spec.name} has "
-                         "no backbone (its own BatchNorm layers always train)")
+                         "no pretrained backbone")
     channels = spec.input_shape[-1]
     mean = spec.channel_mean or (DEFAULT_PIXEL_MEAN,) * channels
     std = spec.channel_std or (DEFAULT_PIXEL_STD,) * channels

@@ -6,7 +6,8 @@ Three of the study's defects are fixed here rather than copied:
   ``preprocess``, so a saved model needs only an image);
 - the backbone is a nested sub-model called with ``training=False``, so its
   BatchNormalization layers keep their ImageNet statistics while the last
-  layers are fine-tuned (Keras transfer-learning guide);
+  layers are fine-tuned (Keras transfer-learning guide); ``Recipe.adapt_batchnorm``
+  opts out, to measure letting them move;
 - mobilenet_enhanced's BatchNormalization really sits between the pooling and
   the dropout.
 
