@@ -453,9 +453,14 @@ def test_label_smoothing_mixes_the_one_hot_target_with_a_uniform_one():
     crossentropy = float(keras.losses.SparseCategoricalCrossentropy()(labels, probabilities))
     unsmoothed = SparseCategoricalSmoothedCrossentropy(label_smoothing=0.0)
     assert float(unsmoothed(labels, probabilities)) == pytest.approx(crossentropy, rel=1e-5)
-    # Focal loss smooths the same target: at gamma 0 it is the smoothed cross-entropy.
+    # Focal loss smooths the same target: at gamma 0 it is the smoothed cross-entropy,
+    # at gamma 2 each class's term is weighted by (1 - p_k)^2.
     focal = SparseCategoricalFocalLoss(gamma=0.0, label_smoothing=0.2)
     assert float(focal(labels, probabilities)) == pytest.approx(expected, rel=1e-5)
+    targets = np.full((16, 7), 0.2 / 7) + 0.8 * np.eye(7)[labels]
+    focal_expected = np.mean(np.sum(targets * -((1 - probabilities) ** 2) * np.log(probabilities), axis=1))
+    focal = SparseCategoricalFocalLoss(gamma=2.0, label_smoothing=0.2)
+    assert float(focal(labels, probabilities)) == pytest.approx(focal_expected, rel=1e-5)
 
 
 def test_label_smoothing_is_chosen_by_the_recipe_and_serialises():

@@ -39,10 +39,10 @@ class SparseCategoricalFocalLoss(keras.losses.Loss):
     """Focal loss -(1 - p_t)^gamma * log(p_t) for integer labels and probabilities.
 
     Down-weights examples the model already gets right, so the rare classes
-    weigh more; gamma=0 is plain sparse categorical cross-entropy. No alpha
-    term: per-class weighting is fit(class_weight=...)'s job. With label
-    smoothing the targets t are smoothed one-hot rows and the loss is
-    sum_k t_k * -(1 - p_k)^gamma * log(p_k).
+    weigh more; gamma=0 is sparse categorical cross-entropy (smoothed, if
+    label_smoothing is). No alpha term: per-class weighting is
+    fit(class_weight=...)'s job. With label smoothing the targets y are
+    smoothed one-hot rows and the loss is sum_k y_k * -(1 - p_k)^gamma * log(p_k).
     """
 
     def __init__(
