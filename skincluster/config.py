@@ -79,12 +79,14 @@ class Recipe:
     warmup_epochs: int = 0
     #: Early stopping on validation balanced accuracy (None: run the whole budget).
     early_stopping_patience: int | None = None
-    #: Backbone layers left trainable, counted from the end (None: no backbone).
+    #: Backbone layers left trainable, counted from the end (None: the whole
+    #: backbone; the from-scratch models have none and ignore it).
     trainable_layers: int | None = None
     #: Transfer models only. False: the backbone's BatchNorm layers keep their
     #: ImageNet statistics while fine-tuning (Keras' advice). True: trainable
     #: ones run in training mode in fit() and move their statistics to the
-    #: dermoscopy images, as Keras did when the study was written.
+    #: dermoscopy images, as Keras did when the study was written. Rejected
+    #: when no trainable layer is a BatchNorm (a frozen one never adapts).
     adapt_batchnorm: bool = False
     #: "imagenet", None (random init) or a path/URI to a Keras weights file.
     weights: str | None = "imagenet"

@@ -34,8 +34,9 @@ def test_adapting_batchnorm_of_a_frozen_backbone_is_an_error_naming_both_fields(
     recipe = Recipe(learning_rate=1e-4, epochs=50, trainable_layers=0)
     with pytest.raises(ValueError, match="adapt_batchnorm.*trainable_layers=0"):
         replace_fields(recipe, {"adapt_batchnorm": "true"})
-    replace_fields(recipe, {"adapt_batchnorm": "false"})
-    replace_fields(Recipe(learning_rate=1e-4, epochs=50, trainable_layers=1), {"adapt_batchnorm": "true"})
+    assert replace_fields(recipe, {"adapt_batchnorm": "false"}).adapt_batchnorm is False
+    unfrozen = Recipe(learning_rate=1e-4, epochs=50, trainable_layers=3)
+    assert replace_fields(unfrozen, {"adapt_batchnorm": "true"}).adapt_batchnorm is True
 
 
 @pytest.mark.parametrize("bad, field", [

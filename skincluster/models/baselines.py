@@ -39,11 +39,10 @@ def _standardized_input(spec: BuildSpec) -> tuple[KerasTensor, KerasTensor]:
     if spec.alpha != 1.0:
         raise ValueError(f"alpha is MobileNet's width multiplier; {spec.name} takes none, got {spec.alpha}")
     if spec.recipe.input_scale != 1.0:
-        raise ValueError(f"input_scale resizes a pretrained backbone's input; {spec.name} has none, "
+        raise ValueError(f"input_scale resizes a backbone's input; {spec.name} has none, "
                          f"got {spec.recipe.input_scale}")
     if spec.recipe.adapt_batchnorm:
-        raise ValueError(f"adapt_batchnorm is about a pretrained backbone's BatchNorm statistics; {spec.name} has "
-                         "no pretrained backbone")
+        raise ValueError(f"adapt_batchnorm is about a backbone's BatchNorm statistics; {spec.name} has no backbone")
     channels = spec.input_shape[-1]
     mean = spec.channel_mean or (DEFAULT_PIXEL_MEAN,) * channels
     std = spec.channel_std or (DEFAULT_PIXEL_STD,) * channels

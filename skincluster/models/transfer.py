@@ -165,6 +165,11 @@ def _transfer_model(
     x = backbone.preprocess()(x)
     base = _build_backbone(spec, backbone)
     _train_only_last(base, spec.recipe.trainable_layers)
+    if spec.recipe.adapt_batchnorm and not any(
+        layer.trainable for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ):
+        raise ValueError(f"adapt_batchnorm=True has nothing to adapt in {spec.name}: its last "
+                         f"{spec.recipe.trainable_layers} trainable_layers hold no BatchNormalization layer")
     # training=False keeps BatchNorm in inference mode even during fit();
     # None lets fit() run the trainable BatchNorm layers in training mode.
     x = base(x, training=None if spec.recipe.adapt_batchnorm else False)
