@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from skincluster.data.images import ImageDecodeError, decode_image
 from skincluster.data.ingest import MIN_IMAGES_FOR_POOL, IngestError, IngestOptions, ingest
 from skincluster.data.store import StoreError, images_from_column, open_store
 
-from helpers import color_of, jpeg_bytes, make_rows, write_dataverse, write_kaggle
+from helpers import color_of, default_images, jpeg_bytes, make_rows, write_dataverse, write_kaggle
 
 QUIET = dict(log=lambda *_: None)
 
@@ -372,6 +373,79 @@ def test_half_written_store_is_not_a_store(good_source, tmp_path, monkeypatch):
         _ingest(good_source, dest)
     with pytest.raises(StoreError, match="an ingest did not finish"):
         open_store(str(dest))
+
+
+def test_reingest_repairs_a_truncated_shard(good_source, good_store, tmp_path):
+    dest = tmp_path / "s"
+    shutil.copytree(good_store[1].path, dest)
+    shard = dest / good_store[0].manifest["files"][0]["path"]
+    shard.write_bytes(shard.read_bytes()[:1000])  # present, but its footer is gone
+    logged = []
+    again = ingest(str(good_source), str(dest), IngestOptions(workers=1), log=logged.append)
+    assert again.written is True
+    assert any("is damaged" in line and shard.name in line for line in logged)
+    assert len(_all_rows(open_store(str(dest)))["train"]) == good_store[0].manifest["counts"]["train"]["total"]
+
+
+def test_ingest_leaves_a_folder_that_is_not_a_store_alone(good_source, tmp_path):
+    dest = tmp_path / "mine"
+    (dest / "shards" / "mystuff").mkdir(parents=True)
+    (dest / "shards" / "mystuff" / "a.txt").write_text("keep")
+    (dest / "notes.txt").write_text("keep")
+    with pytest.raises(IngestError, match=r"mine is not empty \(notes.txt\).*nothing was written"):
+        _ingest(good_source, dest)
+    (dest / "notes.txt").unlink()
+    (dest / "manifest.json").write_text('{"x": 1}')
+    with pytest.raises(IngestError, match="manifest.json is not a skincluster store manifest"):
+        _ingest(good_source, dest)
+    (dest / "manifest.json").write_text('{"ingest_id": ')
+    with pytest.raises(IngestError, match="manifest.json cannot be read"):
+        _ingest(good_source, dest)
+    assert (dest / "shards" / "mystuff" / "a.txt").read_text() == "keep"
+    assert not any(dest.rglob("*.parquet"))
+    # Over a store, only shard folders named like an ingest id are ingest's to remove.
+    (dest / "manifest.json").unlink()
+    _ingest(good_source, dest)
+    _ingest(good_source, dest, seed=1)
+    assert (dest / "shards" / "mystuff" / "a.txt").read_text() == "keep"
+    assert len(list((dest / "shards").iterdir())) == 2
+
+
+def test_a_corrupt_zip_member_is_quarantined_and_the_rest_ingested(tmp_path):
+    rows = make_rows()
+    images = default_images(rows)
+    src = write_dataverse(tmp_path / "dv", rows, images)
+    victim = rows[3]["image_id"]
+    for archive in src.glob("*.zip"):
+        data = archive.read_bytes()
+        at = data.find(images[victim])
+        if at >= 0:  # stored, not deflated: flip bytes inside the member so its CRC fails
+            middle = at + len(images[victim]) // 2
+            archive.write_bytes(data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 4]) + data[middle + 4:])
+    result = _ingest(src, tmp_path / "s")
+    (bad,) = result.quarantine
+    assert bad["image_id"] == victim and "corrupt zip member" in bad["reason"] and victim in bad["reason"]
+    assert result.manifest["rows"]["written"] == len(rows) - 1
+
+
+def test_a_damaged_store_is_an_error_naming_the_manifest_or_shard(good_store, tmp_path):
+    def damaged(edit):
+        dest = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(good_store[1].path, dest)
+        edit(dest)
+        return str(dest)
+
+    manifest = good_store[0].manifest
+    with pytest.raises(StoreError, match=r"manifest.json: not a readable store manifest"):
+        open_store(damaged(lambda d: (d / "manifest.json").write_text('{"schema_version": ')))
+    with pytest.raises(StoreError, match=r"manifest.json: not a store manifest \(a JSON list"):
+        open_store(damaged(lambda d: (d / "manifest.json").write_text("[]")))
+    without_counts = {k: v for k, v in manifest.items() if k != "counts"}
+    with pytest.raises(StoreError, match=r"manifest.json: the manifest lacks counts"):
+        open_store(damaged(lambda d: (d / "manifest.json").write_text(json.dumps(without_counts))))
+    shard = manifest["files"][-1]["path"]
+    with pytest.raises(StoreError, match=rf"1 shard\(s\) listed in manifest.json are missing \(.*{shard}\)"):
+        open_store(damaged(lambda d: (d / shard).unlink()))
 
 
 def test_manifest_is_plain_json(good_store):

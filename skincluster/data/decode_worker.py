@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,9 @@ def decode_chunk(job: tuple[Output, list[tuple[int, str, str | None]]]) -> list[
             data = _read(path, member)
         except (OSError, KeyError) as exc:
             out.append((index, f"cannot read {where}: {exc}", "", None, None))
+            continue
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged member, not the whole zip
+            out.append((index, f"{where}: corrupt zip member ({exc})", "", None, None))
             continue
         md5 = hashlib.md5(data).hexdigest()
         try:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 import skincluster
 from skincluster import storage
@@ -146,14 +148,55 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
                     "train and test, so test scores are inflated. Use it only to reproduce the study.")
     src_fs, src_root = storage.resolve(source)
     listing = ham10000.discover(src_fs, src_root)
+    existing = _existing_manifest(dest)  # before the decoding, which takes minutes
     workers = options.workers or os.cpu_count() or 1
     if len(listing.images) < MIN_IMAGES_FOR_POOL:
         workers = 1
     with _Decoder(source, workers) as decoder:
-        return _ingest(source, dest, options, listing, src_fs, decoder, started, log)
+        return _ingest(source, dest, options, listing, src_fs, decoder, existing, started, log)
 
 
-def _ingest(source, dest, options, listing, src_fs, decoder: _Decoder, started: float, log) -> IngestResult:
+def _existing_manifest(dest: str) -> dict[str, Any] | None:
+    """The store manifest already at `dest`; None for a new or empty folder or a killed ingest's shards.
+
+    Refuses anything else: replacing a store removes old shard folders, so a
+    folder that is not a store, or whose manifest cannot be read, is left alone.
+    """
+    fs, root = storage.resolve(dest)
+    manifest_path = posixpath.join(root, store.MANIFEST_NAME)
+    where = storage.join(dest, store.MANIFEST_NAME)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise IngestError(f"{dest} is a file; ingest writes a store into a folder; nothing was written")
+    if storage.exists(fs, manifest_path):
+        try:
+            manifest = storage.read_json(fs, manifest_path)
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise IngestError(
+                f"{where} cannot be read ({exc}); if {dest} is a damaged skincluster store, delete its "
+                f"{store.MANIFEST_NAME} and ingest again; nothing was written"
+            ) from None
+        if not (isinstance(manifest, dict) and "ingest_id" in manifest and isinstance(manifest.get("files"), list)):
+            raise IngestError(f"{where} is not a skincluster store manifest; refusing to write a store "
+                              f"over {dest}; nothing was written")
+        return manifest
+    if info.type == pafs.FileType.Directory:
+        others = sorted(
+            i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+            if i.base_name != store.SHARDS_DIR and not i.base_name.startswith(".")
+        )
+        if others:
+            raise IngestError(
+                f"{dest} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and holds no "
+                f"skincluster {store.MANIFEST_NAME}: ingest writes into a new or empty folder or over a store; "
+                "nothing was written"
+            )
+    return None
+
+
+def _ingest(
+    source, dest, options, listing, src_fs, decoder: _Decoder, existing: dict | None, started: float, log
+) -> IngestResult:
     extra = ham10000.STUDY_CLEANING_COLUMNS if options.clean == "study" else ()
     frame = ham10000.read_metadata(src_fs, listing.metadata, extra_required=extra)
     rows_in = len(frame)
@@ -213,12 +256,14 @@ def _ingest(source, dest, options, listing, src_fs, decoder: _Decoder, started: 
 
     dest_fs, dest_root = storage.resolve(dest)
     manifest_path = posixpath.join(dest_root, store.MANIFEST_NAME)
-    if storage.exists(dest_fs, manifest_path):
-        existing = storage.read_json(dest_fs, manifest_path)
-        if existing.get("fingerprint") == fingerprint and _files_present(dest_fs, dest_root, existing):
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+        lacking = [f"{store.MANIFEST_NAME} lacks {key}" for key in store.MANIFEST_KEYS if key not in existing]
+        damaged = lacking or _damaged_files(dest_fs, dest_root, existing)
+        if not damaged:
             log(f"{dest} is already up to date (same source and options); nothing written.")
             seconds = time.perf_counter() - started
             return IngestResult(dest, existing, False, seconds, rows_in / max(decode_seconds, 1e-9), quarantine)
+        log(f"{dest} is damaged ({damaged[0]}{', ...' if len(damaged) > 1 else ''}); writing the store again")
 
     folder = posixpath.join(dest_root, store.SHARDS_DIR, ingest_id)
     files = []
@@ -299,8 +344,18 @@ def _fingerprint(metadata_bytes: bytes, good: pd.DataFrame, options: IngestOptio
     return h.hexdigest()
 
 
-def _files_present(fs, root: str, manifest: dict) -> bool:
-    return all(storage.exists(fs, posixpath.join(root, f["path"])) for f in manifest.get("files", []))
+def _damaged_files(fs, root: str, manifest: dict) -> list[str]:
+    """The manifest's shards that are missing, or whose Parquet footer is unreadable or counts other rows."""
+    damaged = []
+    for f in manifest["files"]:
+        try:
+            with fs.open_input_file(posixpath.join(root, f["path"])) as fh:
+                intact = pq.ParquetFile(fh).metadata.num_rows == f["rows"]
+        except (OSError, ValueError):  # missing file; ArrowInvalid (a ValueError) for a torn footer
+            intact = False
+        if not intact:
+            damaged.append(f["path"])
+    return damaged
 
 
 def _source_checksums(metadata_bytes: bytes, listing, good: pd.DataFrame, rows: pd.DataFrame) -> dict:

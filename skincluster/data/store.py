@@ -18,6 +18,7 @@ the next ingest removes.
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -113,6 +114,11 @@ class Store:
         return pa.concat_tables(tables)
 
 
+#: What readers of a manifest rely on (open_store checks them once, so a
+#: damaged manifest fails there with its path, not later with a KeyError).
+MANIFEST_KEYS = ("classes", "counts", "stats", "files")
+
+
 def open_store(root: str) -> Store:
     """Open a store, refusing one whose manifest is missing or from another schema."""
     fs, path = storage.resolve(root)
@@ -122,11 +128,26 @@ def open_store(root: str) -> Store:
         if storage.exists(fs, posixpath.join(path, SHARDS_DIR)):
             hint = " (shards exist but no manifest: an ingest did not finish; run it again)"
         raise StoreError(f"{root}: not a skincluster store, no {MANIFEST_NAME}{hint}")
-    manifest = storage.read_json(fs, manifest_path)
+    where = storage.join(root, MANIFEST_NAME)
+    try:
+        manifest = storage.read_json(fs, manifest_path)
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StoreError(f"{where}: not a readable store manifest ({exc}); delete it and ingest the data again") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{where}: not a store manifest (a JSON {type(manifest).__name__}, not an object)")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise StoreError(f"{root}: store schema version {version}, this skincluster reads {SCHEMA_VERSION}; re-ingest")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise StoreError(f"{where}: the manifest lacks {', '.join(missing)}; ingest the data again")
+    paths = [posixpath.join(path, f["path"]) for f in manifest["files"]]
+    absent = [p for p, info in zip(paths, fs.get_file_info(paths)) if info.type != pafs.FileType.File]
+    if absent:
+        raise StoreError(f"{root}: {len(absent)} shard(s) listed in {MANIFEST_NAME} are missing ({absent[0]}"
+                         f"{', ...' if len(absent) > 1 else ''}); ingest the data again to repair the store")
     return Store(root, fs, path, manifest)
+
 
 
 def images_from_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -230,14 +251,18 @@ def channel_stats(sums: np.ndarray, sums_sq: np.ndarray, pixels: int) -> tuple[l
 
 
 def remove_unreferenced_shards(fs: pafs.FileSystem, root: str, keep: Iterable[str]) -> list[str]:
-    """Delete shard folders no manifest points at (left by a killed or older ingest)."""
+    """Delete shard folders no manifest points at (left by a killed or older ingest).
+
+    Only folders named like an ingest id (16 hex digits) are ours to delete.
+    """
     shards = posixpath.join(root, SHARDS_DIR)
     if not storage.exists(fs, shards):
         return []
     keep = set(keep)
     removed = []
     for info in fs.get_file_info(pafs.FileSelector(shards)):
-        if info.type == pafs.FileType.Directory and info.base_name not in keep:
+        ours = re.fullmatch(r"[0-9a-f]{16}", info.base_name) is not None
+        if info.type == pafs.FileType.Directory and ours and info.base_name not in keep:
             fs.delete_dir(info.path)
             removed.append(info.base_name)
     return removed
