@@ -174,7 +174,7 @@ def _run_compare(args) -> int:
         data=args.data,
         storage=args.storage,
         name=args.name or f"compare-{args.profile}",
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else (),
+        models=_model_names(args.models),
         variants=_variants(args.variant),
         profile=args.profile,
         patience=args.patience,
@@ -188,6 +188,16 @@ def _run_compare(args) -> int:
     experiment = run_comparison(spec)
     _print_report_location(experiment)
     return 0
+
+
+def _model_names(text: str | None) -> tuple[str, ...]:
+    """--models a,b as a tuple; () (all registered) only when the option is left out."""
+    if text is None:
+        return ()
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not names:
+        raise ValueError(f"--models {text!r} names no architecture; leave --models out to compare all of them")
+    return names
 
 
 def _variants(assignments: list[str]) -> dict[str, str]:

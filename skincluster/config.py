@@ -149,6 +149,11 @@ class DataConfig:
     limit: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked here, before anything launches, not first in a Ray worker.
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be positive, got {self.limit}")
+
 
 @dataclass(frozen=True)
 class Scaling:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from skincluster.config import Scaling
 from skincluster.models import list_models
 from skincluster.train.launch import ResourceError
 from skincluster.tune.compare import Comparison, concurrent_trials, resolve_runs, run_comparison
-from skincluster.tune.report import build_report
+from skincluster.tune.report import ReportError, build_report, collect
 
 pytestmark = pytest.mark.ray
 
@@ -63,6 +64,39 @@ def test_report_rebuilds_from_storage_alone(smoke_experiment):
         assert os.path.exists(os.path.join(smoke_experiment, name))
 
 
+def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_experiment, tmp_path):
+    def damaged(name, text):
+        copy = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras"))
+        (copy / name).write_text(text)
+        return copy
+
+    evaluation = json.loads(open(os.path.join(smoke_experiment, "runs", "nn", "evaluation.json")).read())
+    del evaluation["confusion_matrix"]
+    cases = [
+        ("experiment.json", '{"runs": ', r"experiment.json: not readable JSON"),
+        ("experiment.json", "{}", r"experiment.json: not what `skincluster compare` writes"),
+        ("runs/nn/evaluation.json", "", r"runs/nn/evaluation.json: not readable JSON"),
+        ("runs/nn/evaluation.json", json.dumps(evaluation), r"runs/nn/evaluation.json: .*lacks confusion_matrix"),
+        ("runs/cnn/history.json", '{"x": 1}', r"runs/cnn/history.json: not a per-epoch history"),
+    ]
+    for name, text, message in cases:
+        copy = damaged(name, text)
+        before = (copy / "results.csv").read_bytes(), os.path.getmtime(copy / "results.csv")
+        with pytest.raises(ReportError, match=message):
+            build_report(str(copy))
+        assert ((copy / "results.csv").read_bytes(), os.path.getmtime(copy / "results.csv")) == before, name
+    assert cli_main(["report", str(copy)]) == 2
+
+
+def test_a_trial_with_epochs_but_no_evaluation_is_interrupted_not_stopped(smoke_experiment, tmp_path):
+    copy = tmp_path / "e"
+    shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras"))
+    os.remove(copy / "runs" / "nn" / "evaluation.json")  # as if the driver died before nn's evaluation
+    table, *_ = collect(str(copy))
+    assert table.set_index("model").loc["nn", "status"] == "interrupted"
+
+
 def test_experiment_folder_is_absolute_for_relative_storage(tmp_path, monkeypatch):
     """Seen: `--storage demo/experiments` made Tune fail with "URI has empty scheme"."""
     monkeypatch.chdir(tmp_path)
@@ -82,8 +116,21 @@ def test_runs_use_absolute_paths_for_relative_arguments(synthetic_store, monkeyp
 
 
 def test_bad_patience_is_an_error_before_anything_runs(synthetic_store, tmp_path):
-    with pytest.raises(ValueError, match="early_stopping_patience must be at least 0, got -3"):
+    with pytest.raises(ValueError, match="--patience must be at least 0 epochs, got -3"):
         run_comparison(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", patience=-3, profile="smoke"))
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--models", ","], "--models ',' names no architecture"),
+    (["--models", "nn", "--patience", "-1"], "--patience must be at least 0"),  # nn has no early stopping
+    (["--models", "nn", "--limit", "0"], "--limit must be positive, got 0"),
+    (["--models", "nn", "--max-concurrent", "0"], "--max-concurrent must be at least 1"),
+])
+def test_bad_compare_arguments_are_errors_before_anything_runs(synthetic_store, tmp_path, capsys, arguments, message):
+    assert cli_main(["compare", "--data", synthetic_store, "--storage", str(tmp_path), "--profile", "smoke",
+                     *arguments]) == 2
+    assert message in capsys.readouterr().err
     assert not os.listdir(tmp_path)
 
 
@@ -216,6 +263,15 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_store
         driver.wait()
     first_evaluation = os.path.getmtime(finished)
     assert not os.path.exists(os.path.join(runs, "cnn", "evaluation.json"))
+
+    # Resuming with other settings would mix results of two configurations.
+    experiment_json = os.path.join(storage_dir, "resume", "experiment.json")
+    written = open(experiment_json).read()
+    changed = Comparison(data=synthetic_store, storage=storage_dir, name="resume", models=("nn", "cnn"),
+                         profile="smoke", overrides={"epochs": "4"})
+    with pytest.raises(ValueError, match=r"other settings \(cnn recipe.epochs 3 -> 4; nn recipe.epochs 3 -> 4\)"):
+        run_comparison(changed, verbose=0)
+    assert open(experiment_json).read() == written
 
     spec = Comparison(data=synthetic_store, storage=storage_dir, name="resume", models=("nn", "cnn"),
                       profile="smoke", overrides={"epochs": "3"})

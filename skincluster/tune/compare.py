@@ -15,6 +15,7 @@ rank-0 report into a Tune iteration, which is what schedulers act on.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,11 @@ class Comparison:
 
     def __post_init__(self) -> None:
         check_folder_name(self.name, "experiment name")
+        # Checked here too: a model that does not stop early would ignore a bad value.
+        if self.patience is not None and self.patience < 0:
+            raise ValueError(f"--patience must be at least 0 epochs, got {self.patience}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be at least 1, got {self.max_concurrent}")
         for variant in self.variants:
             check_folder_name(variant, "variant name")
             if any(c in variant for c in ":,="):
@@ -202,16 +208,38 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
 
 
 def _check_same_trials(fs, path: str, runs: dict[str, TrainRun], resuming: bool) -> None:
-    """Tune restores the trials it started with: a resumed experiment cannot gain or lose one."""
+    """Tune restores the trials it started with: a resumed experiment cannot gain or lose one,
+    nor change a trial's settings (its finished epochs and results were made with the old ones)."""
     if not resuming or not storage.exists(fs, f"{path}/experiment.json"):
         return
-    before = set(storage.read_json(fs, f"{path}/experiment.json")["runs"])
-    if before == set(runs):
-        return
-    changes = [f"{what}: {', '.join(sorted(names))}"
-               for what, names in (("new", set(runs) - before), ("missing", before - set(runs))) if names]
-    raise ValueError(f"{path} holds an experiment of other trials ({'; '.join(changes)}); "
-                     "ask for the same --models and --variant to resume it, or use another --name")
+    previous = storage.read_json(fs, f"{path}/experiment.json")["runs"]
+    before = set(previous)
+    if before != set(runs):
+        changes = [f"{what}: {', '.join(sorted(names))}"
+                   for what, names in (("new", set(runs) - before), ("missing", before - set(runs))) if names]
+        raise ValueError(f"{path} holds an experiment of other trials ({'; '.join(changes)}); "
+                         "ask for the same --models and --variant to resume it, or use another --name")
+    changed = []
+    for trial, run in runs.items():
+        now = _leaves(json.loads(json.dumps(dataclasses.asdict(run))))
+        then = _leaves(previous[trial])
+        changed += [f"{trial} {key} {then.get(key)!r} -> {now.get(key)!r}"
+                    for key in sorted(set(now) | set(then)) if now.get(key) != then.get(key)]
+    if changed:
+        raise ValueError(f"{path} holds an experiment run with other settings ({'; '.join(changed[:4])}"
+                         f"{'; ...' if len(changed) > 4 else ''}); run the same command as before to resume it, "
+                         "or use another --name")
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"recipe.learning_rate": 0.001, ...}: a nested dict flattened to dotted keys."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):

@@ -47,8 +47,23 @@ COLUMNS = [
 ]
 
 
+#: What the report reads from a trial's evaluation.json (and its "val" part).
+EVALUATION_KEYS = ("accuracy", "log_loss", "balanced_accuracy", "macro_f1", "melanoma_recall", "roc_auc_ovr",
+                   "confusion_matrix", "per_class", "val")
+VAL_KEYS = ("accuracy", "log_loss", "balanced_accuracy")
+
+
+class ReportError(ValueError):
+    """A file in the experiment folder is not what `skincluster compare` writes."""
+
+
 def _read_json(fs, path: str) -> Any | None:
-    return storage.read_json(fs, path) if storage.exists(fs, path) else None
+    if not storage.exists(fs, path):
+        return None
+    try:
+        return storage.read_json(fs, path)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ReportError(f"{path}: not readable JSON ({exc})") from None
 
 
 def _tune_history(fs, root: str, model: str) -> list[dict[str, Any]]:
@@ -56,8 +71,28 @@ def _tune_history(fs, root: str, model: str) -> list[dict[str, Any]]:
     path = f"{root}/tune/{model}/result.json"
     if not storage.exists(fs, path):
         return []
-    rows = [json.loads(line) for line in storage.read_bytes(fs, path).decode().splitlines() if line.strip()]
-    return [r for r in rows if "epoch" in r]
+    rows = []
+    for number, line in enumerate(storage.read_bytes(fs, path).decode(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as exc:
+            raise ReportError(f"{path}, line {number}: not readable JSON ({exc})") from None
+    return [r for r in rows if isinstance(r, dict) and "epoch" in r]
+
+
+def _check_evaluation(path: str, evaluation: Any) -> None:
+    missing = [k for k in EVALUATION_KEYS if not isinstance(evaluation, dict) or k not in evaluation]
+    if not missing and isinstance(evaluation["val"], dict):
+        missing = [f"val.{k}" for k in VAL_KEYS if k not in evaluation["val"]]
+    if missing:
+        raise ReportError(f"{path}: not a trial evaluation, lacks {', '.join(missing)}")
+
+
+def _check_history(path: str, history: Any) -> None:
+    if not (isinstance(history, list) and all(isinstance(h, dict) and "images_per_second" in h for h in history)):
+        raise ReportError(f"{path}: not a per-epoch history (a list of objects with images_per_second)")
 
 
 def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[str, list], dict]:
@@ -66,11 +101,18 @@ def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[st
     experiment = _read_json(fs, f"{root}/experiment.json")
     if experiment is None:
         raise FileNotFoundError(f"{experiment_dir}: no experiment.json; is this a `skincluster compare` folder?")
+    if not (isinstance(experiment, dict) and isinstance(experiment.get("runs"), dict) and "comparison" in experiment):
+        raise ReportError(f"{root}/experiment.json: not what `skincluster compare` writes (no runs or comparison)")
     rows, evaluations, histories = [], {}, {}
     for model, run in experiment["runs"].items():
         run_dir = f"{root}/runs/{model}"
         evaluation = _read_json(fs, f"{run_dir}/evaluation.json")
-        history = _read_json(fs, f"{run_dir}/history.json") or _tune_history(fs, root, model)
+        if evaluation is not None:
+            _check_evaluation(f"{run_dir}/evaluation.json", evaluation)
+        history = _read_json(fs, f"{run_dir}/history.json")
+        if history is not None:
+            _check_history(f"{run_dir}/history.json", history)
+        history = history or _tune_history(fs, root, model)
         histories[model] = history
         if evaluation:
             evaluations[model] = evaluation
@@ -82,8 +124,10 @@ def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[st
                 status = "time budget"
             else:
                 status = "finished"
-        elif history:
+        elif history and experiment["comparison"].get("scheduler") == "asha":
             status = "stopped by scheduler"
+        elif history:
+            status = "interrupted"  # epochs ran but no evaluation: the driver died, or the trial failed
         else:
             status = "not run"
         val_bal = [h["val_balanced_accuracy"] for h in history if "val_balanced_accuracy" in h]
@@ -287,7 +331,8 @@ def _report_markdown(experiment, table, results_md, histories, evaluations, best
         "",
         f"Data: `{cmp['data']}` · profile `{cmp['profile']}` · scheduler `{cmp['scheduler']}` · "
         f"{cmp['scaling']['workers']} worker(s) x {cmp['scaling']['gpus_per_worker']:g} GPU per trial · "
-        f"seed {cmp['seed']}" + (f" · limit {cmp['limit']} training images" if any_run["data"]["limit"] else ""),
+        f"seed {cmp['seed']}"
+        + (f" · limit {any_run['data']['limit']} training images" if any_run["data"]["limit"] else ""),
         "",
         "Metrics are on the test split of the store, in which no lesion appears in two splits. "
         "Balanced accuracy (mean recall over the seven classes) and melanoma recall are the headline numbers: "
