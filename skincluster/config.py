@@ -43,6 +43,14 @@ class Augmentation:
     horizontal_flip: bool = False
     vertical_flip: bool = False
 
+    def __post_init__(self) -> None:
+        # Keras' RandomZoom and RandomTranslation take factors in [-1, 1]; more
+        # than 180 degrees either way is no new rotation.
+        for name, high in (("rotation_degrees", 180), ("zoom", 1), ("shift", 1)):
+            value = getattr(self, name)
+            if not 0 <= value <= high:
+                raise ValueError(f"augmentation.{name} must be in [0, {high}], got {value}")
+
     @property
     def enabled(self) -> bool:
         return bool(self.rotation_degrees or self.zoom or self.shift or self.horizontal_flip or self.vertical_flip)
@@ -126,6 +134,14 @@ class Recipe:
                 raise ValueError(f"{name} must be at least 0, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("adam_beta_1", "adam_beta_2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.adam_epsilon < math.inf:
+            raise ValueError(f"adam_epsilon must be positive and finite, got {self.adam_epsilon}")
+        if self.cosine_decay_epochs is not None and self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr {self.min_lr} is above learning_rate {self.learning_rate}: the cosine "
+                             "schedule decays from learning_rate down to min_lr")
         if self.adapt_batchnorm and self.trainable_layers == 0:
             # A frozen BatchNorm layer runs in inference mode whatever fit() asks.
             raise ValueError("adapt_batchnorm=True has nothing to adapt with trainable_layers=0: "
@@ -289,7 +305,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return hint(**value)
     if not isinstance(value, str):
-        return value
+        return _checked(value, hint, key)
     text = value.strip()
     args = typing.get_args(hint)
     if text.lower() in ("none", "null") and type(None) in args:
@@ -313,6 +329,25 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         except ValueError:
             continue
     raise ValueError(f"{key}={value!r}: cannot be read as {hint}")
+
+
+def _checked(value: Any, hint: Any, key: str) -> Any:
+    """A typed value (from a --config JSON file, or code) that must already be of the field's type."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    if typing.get_origin(hint) is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(str, args))}")
+    for candidate in [a for a in args if a is not type(None)] if args else [hint]:
+        if isinstance(value, bool) and candidate is not bool:
+            continue  # JSON true is not the number 1
+        if candidate is float and isinstance(value, int):
+            return float(value)
+        if isinstance(candidate, type) and isinstance(value, candidate):
+            return value
+    raise ValueError(f"{key}={value!r}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
 
 
 def parse_assignments(items: list[str] | None) -> dict[str, str]:

@@ -1,8 +1,11 @@
 """Typed config overrides: values from the command line, dotted and per-model keys."""
 
+import json
+import re
+
 import pytest
 
-from skincluster.config import Recipe, Scaling, overrides_for_model, parse_assignments, replace_fields
+from skincluster.config import Recipe, Scaling, load_overrides, overrides_for_model, parse_assignments, replace_fields
 
 
 def test_command_line_values_are_typed():
@@ -23,11 +26,39 @@ def test_bad_overrides_name_the_field(bad):
     ("epochs", "0"), ("batch_size", "-1"), ("learning_rate", "0"), ("early_stopping_patience", "-3"),
     ("time_budget_minutes", "0"), ("lr_factor", "1.5"), ("min_lr", "-1e-6"), ("trainable_layers", "-1"),
     ("input_scale", "0"), ("input_scale", "inf"), ("label_smoothing", "1"), ("label_smoothing", "-0.1"),
-    ("label_smoothing", "nan"),
+    ("label_smoothing", "nan"), ("augmentation.zoom", "-5"), ("augmentation.zoom", "1.5"), ("augmentation.shift", "2"),
+    ("augmentation.rotation_degrees", "-10"), ("adam_beta_1", "1"), ("adam_beta_2", "-0.1"), ("adam_epsilon", "0"),
 ])
 def test_impossible_values_are_errors_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         replace_fields(Recipe(learning_rate=1e-4, epochs=50), {field: value})
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("epochs", 2.5, "expected int, got float"), ("epochs", True, "expected int, got bool"),
+    ("class_weight", 3, "expected one of none"), ("augmentation", 5, "expected Augmentation, got int"),
+    ("weights", 3, "expected str | None, got int"), ("mixed_precision", 1, "expected bool, got int"),
+])
+def test_typed_values_from_a_config_file_must_have_the_fields_type(tmp_path, field, value, expected):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({field: value}))
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r}: {expected}")):
+        replace_fields(Recipe(learning_rate=1e-4, epochs=50), load_overrides(str(path)))
+
+
+def test_typed_values_of_the_right_type_are_kept():
+    recipe = replace_fields(
+        Recipe(learning_rate=1e-4, epochs=50),
+        {"epochs": 3, "learning_rate": 1, "weights": None, "augmentation.zoom": 0.2, "mixed_precision": True},
+    )
+    assert (recipe.epochs, recipe.learning_rate, recipe.weights, recipe.augmentation.zoom) == (3, 1.0, None, 0.2)
+    assert recipe.mixed_precision is True and isinstance(recipe.learning_rate, float)
+
+
+def test_a_cosine_floor_above_the_learning_rate_is_an_error():
+    with pytest.raises(ValueError, match="min_lr 0.001 is above learning_rate 0.0001"):
+        Recipe(learning_rate=1e-4, epochs=5, cosine_decay_epochs=4, min_lr=1e-3)
+    Recipe(learning_rate=1e-4, epochs=5, min_lr=1e-3)  # the plateau rule never raises the LR to its floor
 
 
 def test_adapting_batchnorm_of_a_frozen_backbone_is_an_error_naming_both_fields():
