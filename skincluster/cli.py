@@ -257,7 +257,7 @@ def _is_model_path(path: str) -> bool:
 
 
 def _run_predict(args) -> int:
-    from skincluster.models import load_model
+    from skincluster.serve.export import load_models
     from skincluster.serve.predict import NOT_A_DIAGNOSIS, format_table, predict, to_csv, to_json
 
     model_paths = [p for p in args.paths if _is_model_path(p)]
@@ -266,7 +266,7 @@ def _run_predict(args) -> int:
         raise ValueError("give at least one model (.keras file or SavedModel folder) before the images")
     if not inputs:
         raise ValueError("give at least one image or folder after the model(s)")
-    predictions = predict([load_model(p) for p in model_paths], inputs, tta=args.tta)
+    predictions = predict(load_models(model_paths), inputs, tta=args.tta)  # names a model file that won't load
     print(NOT_A_DIAGNOSIS, file=sys.stderr)
     if predictions.images:
         print(format_table(predictions))

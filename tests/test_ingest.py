@@ -324,6 +324,38 @@ def test_missing_required_column_stops_before_writing(tmp_path, capsys):
     assert "missing required column" in capsys.readouterr().err
 
 
+def test_two_different_metadata_files_side_by_side_are_an_error(tmp_path):
+    rows = make_rows()
+    src = write_kaggle(tmp_path / "src", rows)
+    metadata = (src / "HAM10000_metadata.csv").read_text()
+    (src / "HAM10000_metadata (1).csv").write_text(metadata)  # an identical re-download is harmless
+    assert _ingest(src, tmp_path / "s").manifest["rows"]["in"] == len(rows)
+    (src / "HAM10000_metadata (1).csv").write_text("\n".join(metadata.splitlines()[:5]))
+    with pytest.raises(SourceError, match=r"2 different metadata files side by side \(.*HAM10000_metadata \(1\).csv"):
+        _ingest(src, tmp_path / "s2")
+    assert not (tmp_path / "s2").exists()
+
+
+def test_a_store_with_an_empty_split_is_refused_before_training(tmp_path, capsys):
+    src = write_kaggle(tmp_path / "src", make_rows())
+    logged = []
+    ingest(str(src), str(tmp_path / "s"), IngestOptions(workers=1, fractions=(0.9, 0.1, 0.0)), log=logged.append)
+    assert any("the test split(s) hold no image" in line for line in logged)
+    assert cli_main(["train", "nn", "--local", "--data", str(tmp_path / "s"), "--storage", str(tmp_path / "runs"),
+                     "--profile", "smoke"]) == 2
+    assert "the test split(s) hold no image" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--workers", "0"], "--workers must be at least 1"), (["--seed", "-1"], "--seed must be at least 0, got -1"),
+])
+def test_bad_ingest_options_name_the_option(good_source, tmp_path, capsys, arguments, message):
+    assert cli_main(["ingest", str(good_source), str(tmp_path / "s"), *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_source_without_metadata_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no HAM10000_metadata"):

@@ -77,6 +77,13 @@ def test_cli_writes_json_and_csv_and_names_bad_files(saved_models, images, tmp_p
     assert (tmp_path / "p.csv").read_text().count("\n") == 3
 
 
+def test_a_model_file_that_does_not_load_is_named(images, tmp_path, capsys):
+    fake = tmp_path / "fake.keras"
+    fake.write_bytes(b"not a model")
+    assert cli_main(["predict", str(fake), str(images)]) == 2
+    assert f"{fake}: cannot load as a Keras model" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real HAM10000 not found at {REAL_DATA}")
 def test_predict_on_real_images(saved_models):
     from skincluster.models import load_model

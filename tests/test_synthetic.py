@@ -303,7 +303,7 @@ def test_siblings_are_each_others_nearest_neighbours(learn_set):
 def test_refuses_to_overwrite_unless_asked(tmp_path):
     first = write_demo_dataset(tmp_path, n_images=60, image_size=(64, 48), seed=0)
     before = tree_digest(tmp_path)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"use --overwrite \(overwrite=True\)"):
         write_demo_dataset(tmp_path, n_images=42, image_size=(64, 48), seed=1)
     assert tree_digest(tmp_path) == before
     second = write_demo_dataset(tmp_path, n_images=42, image_size=(64, 48), seed=1, overwrite=True)

@@ -126,7 +126,15 @@ def discover(fs: pafs.FileSystem, root: str) -> SourceListing:
     if not metadata:
         raise SourceError(f"{root}: no {METADATA_PREFIX}.csv (or .tab) found")
     # The shallowest one wins: a copy nested deeper is usually a stale extract.
+    # Two different ones at that depth (a re-download "HAM10000_metadata (1).csv")
+    # are ambiguous; identical copies (an extract beside its zip) are not.
     metadata.sort(key=lambda m: (m.describe().count("/"), m.describe()))
+    depth = metadata[0].describe().count("/")
+    shallowest = [m for m in metadata if m.describe().count("/") == depth]
+    if len({read_location(fs, m) for m in shallowest}) > 1:
+        raise SourceError(f"{root}: {len(shallowest)} different metadata files side by side "
+                          f"({', '.join(m.describe() for m in shallowest)}); keep the one to ingest and move "
+                          "the others away")
     return SourceListing(root, metadata[0], images, containers, duplicates)
 
 

@@ -59,6 +59,12 @@ class IngestOptions:
     #: Decoding processes; None uses every core.
     workers: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"--workers must be at least 1 (or left out for every core), got {self.workers}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be at least 0, got {self.seed}")
+
 
 @dataclass
 class IngestResult:
@@ -435,4 +441,8 @@ def _print_summary(log, result: IngestResult, orphans: list[str]) -> None:
     lines.append(f"decoded at {result.images_per_second:,.0f} images/s; total {result.seconds:.1f} s")
     lines.append(f"store: {result.dest}")
     log("\n".join(lines))
+    empty = [s for s in SPLITS if counts[s]["total"] == 0]
+    if empty:
+        _shout(log, f"the {' and '.join(empty)} split(s) hold no image: train and compare refuse this store; "
+                    "ingest again with more images or other --fractions.")
 

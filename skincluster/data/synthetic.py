@@ -822,12 +822,12 @@ def write_demo_dataset(
     marker = dest / DEMO_MARKER
     dirs = [dest / name for name in IMAGE_DIRS]
     if meta.exists() and not overwrite:
-        raise FileExistsError(f"{meta} already exists; pass overwrite=True to replace the data set in {dest}")
+        raise FileExistsError(f"{meta} already exists; use --overwrite (overwrite=True) to replace the data set in {dest}")
     stale = [f for d in dirs if d.is_dir() for f in d.glob("ISIC_*.jpg")]
     if stale and not overwrite and not marker.exists():
         raise FileExistsError(
             f"{dest} already holds {len(stale)} ISIC_*.jpg images that are not from an interrupted demo run; "
-            "pass overwrite=True to delete them"
+            "use --overwrite (overwrite=True) to delete them"
         )
     if meta.exists():
         meta.unlink()  # from here on the folder no longer looks complete

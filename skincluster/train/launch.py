@@ -19,7 +19,8 @@ from typing import Any
 import skincluster
 from skincluster import storage
 from skincluster.config import PROFILES, DataConfig, Scaling, TrainRun, overrides_for_model, replace_fields
-from skincluster.data.store import Store, open_store
+from skincluster.data.splits import SPLITS
+from skincluster.data.store import Store, StoreError, open_store
 
 #: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
 DATA_CPU_RESERVE = 0.5
@@ -57,6 +58,11 @@ def resolve_run(
         raise ValueError(f"unknown profile {profile!r}: expected one of {', '.join(PROFILES)}")
     prof = PROFILES[profile]
     store = store or open_store(store_uri)
+    empty = [split for split in SPLITS if store.count(split) == 0]
+    if empty:
+        # Found after training, an empty test split would cost the whole run.
+        raise StoreError(f"{store_uri}: the {' and '.join(empty)} split(s) hold no image; a run trains on train, "
+                         "stops early on val and is scored on test: ingest again with other --fractions")
     recipe = get_recipe(model)
     recipe = replace_fields(recipe, prof.recipe_overrides)
     if prof.max_epochs is not None and recipe.epochs > prof.max_epochs:
