@@ -356,6 +356,18 @@ def test_bad_ingest_options_name_the_option(good_source, tmp_path, capsys, argum
     assert not (tmp_path / "s").exists()
 
 
+def test_a_lesion_with_two_diagnoses_is_named(tmp_path):
+    rows = make_rows()
+    lesion = rows[1]["lesion_id"]  # the first lesion with two images, both akiec
+    assert rows[2]["lesion_id"] == lesion
+    rows[2]["dx"] = "mel"
+    logged = []
+    result = ingest(str(write_kaggle(tmp_path / "src", rows)), str(tmp_path / "s"), IngestOptions(workers=1),
+                    log=logged.append)
+    assert any(f"1 lesion(s) have images with different dx ({lesion}: akiec, mel)" in line for line in logged)
+    assert result.manifest["rows"]["written"] == len(rows)
+
+
 def test_source_without_metadata_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no HAM10000_metadata"):

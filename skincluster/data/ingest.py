@@ -252,6 +252,7 @@ def _ingest(
         raise IngestError(f"--strict: {len(quarantine)} row(s) quarantined; nothing was written to {dest}")
     if rows_written == 0:
         raise IngestError(f"{source}: no usable rows; nothing was written to {dest}")
+    _warn_mixed_lesions(log, good)
 
     train = (good["split"] == "train").to_numpy()
     mean, std = store.channel_stats(sums[train], sums_sq[train], IMAGE_SHAPE[0] * IMAGE_SHAPE[1])
@@ -402,6 +403,17 @@ def _relative(path: str, root: str) -> str:
 def _shout(log, message: str) -> None:
     bar = "!" * 78
     log(f"{bar}\n!! WARNING: {message}\n{bar}")
+
+
+def _warn_mixed_lesions(log, good: pd.DataFrame) -> None:
+    """All images of a lesion show one lesion, so they should share one diagnosis: say where they do not."""
+    per_lesion = good.groupby("lesion_id")["label"].unique()
+    mixed = per_lesion[per_lesion.map(len) > 1]
+    if len(mixed):
+        examples = "; ".join(f"{lesion}: {', '.join(CLASS_NAMES[i] for i in sorted(labels))}"
+                             for lesion, labels in mixed.head(5).items())
+        _shout(log, f"{len(mixed)} lesion(s) have images with different dx ({examples}"
+                    f"{'; ...' if len(mixed) > 5 else ''}); they are kept as labelled, but check the metadata.")
 
 
 def _print_quarantine(log, quarantine: list[dict], limit: int = 20) -> None:
