@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -366,6 +367,18 @@ def test_a_lesion_with_two_diagnoses_is_named(tmp_path):
                     log=logged.append)
     assert any(f"1 lesion(s) have images with different dx ({lesion}: akiec, mel)" in line for line in logged)
     assert result.manifest["rows"]["written"] == len(rows)
+
+
+def test_image_ids_with_a_file_extension_get_a_hint_and_no_promise_of_a_manifest(tmp_path):
+    src = write_kaggle(tmp_path / "src", make_rows())
+    metadata = src / "HAM10000_metadata.csv"
+    metadata.write_text(re.sub(r"(ISIC_\d+)", r"\1.jpg", metadata.read_text()))
+    logged = []
+    with pytest.raises(IngestError, match="no usable rows; nothing was written"):
+        ingest(str(src), str(tmp_path / "s"), IngestOptions(workers=1), log=logged.append)
+    text = "\n".join(logged)
+    assert "image_id carries a file extension; the file ISIC_0000001 exists" in text
+    assert "no manifest is written" in text and "listed in manifest.json" not in text
 
 
 def test_source_without_metadata_is_a_clear_error(tmp_path):

@@ -214,7 +214,11 @@ def _ingest(
     orphans = sorted(i for i in listing.images if i not in all_ids)
     has_file = rows["image_id"].isin(listing.images.keys())
     for r, i in zip(rows.loc[~has_file, "row"], rows.loc[~has_file, "image_id"]):
-        quarantine.append({"row": int(r), "image_id": i, "reason": "image file not found in the source"})
+        reason = "image file not found in the source"
+        stem, extension = posixpath.splitext(i)
+        if extension.lower() in ham10000.IMAGE_EXTENSIONS and stem in listing.images:
+            reason += f" (image_id carries a file extension; the file {stem} exists)"
+        quarantine.append({"row": int(r), "image_id": i, "reason": reason})
     rows = rows.loc[has_file].reset_index(drop=True)
 
     # Split before decoding (it needs the metadata only) and decode in split
@@ -247,7 +251,7 @@ def _ingest(
         raise IngestError(f"internal error: {rows_in} rows in but {accounted} accounted for", exit_code=3)
 
     if quarantine:
-        _print_quarantine(log, quarantine)
+        _print_quarantine(log, quarantine, listed=rows_written > 0 and not options.strict)
     if options.strict and quarantine:
         raise IngestError(f"--strict: {len(quarantine)} row(s) quarantined; nothing was written to {dest}")
     if rows_written == 0:
@@ -416,12 +420,14 @@ def _warn_mixed_lesions(log, good: pd.DataFrame) -> None:
                     f"{'; ...' if len(mixed) > 5 else ''}); they are kept as labelled, but check the metadata.")
 
 
-def _print_quarantine(log, quarantine: list[dict], limit: int = 20) -> None:
+def _print_quarantine(log, quarantine: list[dict], *, listed: bool, limit: int = 20) -> None:
+    """`listed`: a manifest will be written, and will list every quarantined row."""
     log(f"quarantined {len(quarantine)} row(s):")
     for q in quarantine[:limit]:
         log(f"  row {q['row']:>6}  {q['image_id'] or '<no image_id>'}: {q['reason']}")
     if len(quarantine) > limit:
-        log(f"  ... and {len(quarantine) - limit} more (all listed in manifest.json under 'quarantine')")
+        where = "all listed in manifest.json under 'quarantine'" if listed else "no manifest is written"
+        log(f"  ... and {len(quarantine) - limit} more ({where})")
     reasons = Counter(q["reason"].split(":")[-1].strip() if ":" in q["reason"] else q["reason"] for q in quarantine)
     if len(reasons) > 1:
         for reason, n in reasons.most_common(5):
