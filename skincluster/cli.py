@@ -68,7 +68,11 @@ def _run_demo_data(args) -> int:
         raise ValueError(f"--size expects WIDTHxHEIGHT like 600x450, got {args.size!r}") from None
     summary = write_demo_dataset(args.dest, n_images=args.images, image_size=(width, height), seed=args.seed,
                                  overwrite=args.overwrite)
-    print(f"wrote {summary.n_images} synthetic images of {summary.n_lesions} lesions to {summary.path}")
+    if summary.written:
+        print(f"wrote {summary.n_images} synthetic images of {summary.n_lesions} lesions to {summary.path}")
+    else:
+        print(f"{summary.path} already holds this demo data set ({summary.n_images} images, same --images, --size "
+              "and --seed); nothing written")
     return 0
 
 

@@ -269,7 +269,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(synthetic_store
     written = open(experiment_json).read()
     changed = Comparison(data=synthetic_store, storage=storage_dir, name="resume", models=("nn", "cnn"),
                          profile="smoke", overrides={"epochs": "4"})
-    with pytest.raises(ValueError, match=r"other settings \(cnn recipe.epochs 3 -> 4; nn recipe.epochs 3 -> 4\)"):
+    with pytest.raises(ValueError, match=r"other settings \(nn recipe.epochs 3 -> 4; cnn recipe.epochs 3 -> 4\)"):
         run_comparison(changed, verbose=0)
     assert open(experiment_json).read() == written
 

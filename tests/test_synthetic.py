@@ -303,6 +303,10 @@ def test_siblings_are_each_others_nearest_neighbours(learn_set):
 def test_refuses_to_overwrite_unless_asked(tmp_path):
     first = write_demo_dataset(tmp_path, n_images=60, image_size=(64, 48), seed=0)
     before = tree_digest(tmp_path)
+    # The same arguments again (the README's command run twice): nothing to do.
+    again = write_demo_dataset(tmp_path, n_images=60, image_size=(64, 48), seed=0)
+    assert (again.written, again.n_images, again.counts) == (False, 60, first.counts) and first.written
+    assert tree_digest(tmp_path) == before
     with pytest.raises(FileExistsError, match=r"use --overwrite \(overwrite=True\)"):
         write_demo_dataset(tmp_path, n_images=42, image_size=(64, 48), seed=1)
     assert tree_digest(tmp_path) == before

@@ -85,7 +85,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -278,6 +278,8 @@ class DemoSummary:
     #: Lesions per class, in `CLASS_NAMES` order.
     lesions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: False when `path` already held this very data set and nothing was written.
+    written: bool = True
 
     @property
     def images_per_second(self) -> float:
@@ -801,8 +803,10 @@ def write_demo_dataset(
     `image_size` is (width, height); `n_images` at least 42 (6 lesions for each
     of the 7 classes). The same arguments give the same files, byte for byte.
 
-    Refuses (FileExistsError) to write where a ``HAM10000_metadata.csv``
-    already exists, or where the image folders hold ``ISIC_*.jpg`` files that
+    A folder that already holds the data set these arguments make (its marker
+    says so and its CSV is there) is left as it is, so a command that made it
+    can be run again. Otherwise refuses (FileExistsError) to write where a
+    ``HAM10000_metadata.csv`` already exists, or where the image folders hold ``ISIC_*.jpg`` files that
     an interrupted earlier run of this function did not leave (they might be
     real data), unless ``overwrite=True``; then those images and the CSV are
     deleted first. The CSV is written last (temp file, then rename), so a
@@ -821,6 +825,14 @@ def write_demo_dataset(
     meta = dest / METADATA_FILE
     marker = dest / DEMO_MARKER
     dirs = [dest / name for name in IMAGE_DIRS]
+    made_by = {
+        "generator": "skincluster.data.synthetic.write_demo_dataset",
+        "n_images": n_images,
+        "image_size": [width, height],
+        "seed": int(seed),
+    }
+    if meta.exists() and not overwrite and _read_marker(marker) == made_by:
+        return _summary(dest, lesions, start, written=False)
     if meta.exists() and not overwrite:
         raise FileExistsError(f"{meta} already exists; use --overwrite (overwrite=True) to replace the data set in {dest}")
     stale = [f for d in dirs if d.is_dir() for f in d.glob("ISIC_*.jpg")]
@@ -835,19 +847,7 @@ def write_demo_dataset(
         f.unlink()
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-    marker.write_text(
-        json.dumps(
-            {
-                "generator": "skincluster.data.synthetic.write_demo_dataset",
-                "n_images": n_images,
-                "image_size": [width, height],
-                "seed": int(seed),
-            },
-            indent=1,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    marker.write_text(json.dumps(made_by, indent=1) + "\n", encoding="utf-8")
     part_2_from = _ID_BASE + n_images // 2  # lower half of the ids in part 1, like the release
 
     done = 0
@@ -866,7 +866,17 @@ def write_demo_dataset(
         writer.writeheader()
         writer.writerows(_rows(lesions))
     os.replace(tmp, meta)
+    return _summary(dest, lesions, start, written=True)
 
+
+def _read_marker(marker: Path) -> Any:
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _summary(dest: Path, lesions: list, start: float, *, written: bool) -> DemoSummary:
     counts = {c: 0 for c in CLASS_NAMES}
     n_les = {c: 0 for c in CLASS_NAMES}
     for les in lesions:
@@ -874,9 +884,10 @@ def write_demo_dataset(
         n_les[les.dx] += 1
     return DemoSummary(
         path=dest,
-        n_images=n_images,
+        n_images=sum(counts.values()),
         n_lesions=len(lesions),
         counts=counts,
         lesions=n_les,
         seconds=time.perf_counter() - start,
+        written=written,
     )
