@@ -48,7 +48,7 @@ class Augmentation:
         # than 180 degrees either way is no new rotation.
         for name, high in (("rotation_degrees", 180), ("zoom", 1), ("shift", 1)):
             value = getattr(self, name)
-            if not 0 <= value <= high:
+            if not 0 <= value <= high:  # NaN fails too
                 raise ValueError(f"augmentation.{name} must be in [0, {high}], got {value}")
 
     @property
@@ -130,7 +130,7 @@ class Recipe:
         for name in ("lr_patience", "min_lr", "focal_gamma", "warmup_epochs", "early_stopping_patience",
                      "trainable_layers"):
             value = getattr(self, name)
-            if value is not None and value < 0:
+            if value is not None and not value >= 0:  # NaN fails too
                 raise ValueError(f"{name} must be at least 0, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -141,7 +141,8 @@ class Recipe:
             raise ValueError(f"adam_epsilon must be positive and finite, got {self.adam_epsilon}")
         if self.cosine_decay_epochs is not None and self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr {self.min_lr} is above learning_rate {self.learning_rate}: the cosine "
-                             "schedule decays from learning_rate down to min_lr")
+                             f"schedule (cosine_decay_epochs={self.cosine_decay_epochs}, maybe set by the profile) "
+                             "decays from learning_rate down to min_lr; lower min_lr too")
         if self.adapt_batchnorm and self.trainable_layers == 0:
             # A frozen BatchNorm layer runs in inference mode whatever fit() asks.
             raise ValueError("adapt_batchnorm=True has nothing to adapt with trainable_layers=0: "
@@ -396,14 +397,15 @@ def load_overrides(path: str) -> dict[str, Any]:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of recipe fields")
-    return _flatten(data)
+    return dotted_leaves(data)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def dotted_leaves(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"augmentation": {"zoom": 0.2}}`` -> ``{"augmentation.zoom": 0.2}``."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(dotted_leaves(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

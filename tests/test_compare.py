@@ -79,6 +79,8 @@ def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_exper
         ("runs/nn/evaluation.json", "", r"runs/nn/evaluation.json: not readable JSON"),
         ("runs/nn/evaluation.json", json.dumps(evaluation), r"runs/nn/evaluation.json: .*lacks confusion_matrix"),
         ("runs/cnn/history.json", '{"x": 1}', r"runs/cnn/history.json: not a per-epoch history"),
+        ("runs/nn/evaluation.json", json.dumps({**evaluation, "confusion_matrix": [], "val": None}),
+         r"runs/nn/evaluation.json: .*lacks val \(an object\)"),
     ]
     for name, text, message in cases:
         copy = damaged(name, text)
@@ -95,6 +97,31 @@ def test_a_trial_with_epochs_but_no_evaluation_is_interrupted_not_stopped(smoke_
     os.remove(copy / "runs" / "nn" / "evaluation.json")  # as if the driver died before nn's evaluation
     table, *_ = collect(str(copy))
     assert table.set_index("model").loc["nn", "status"] == "interrupted"
+
+
+def test_a_resume_must_keep_what_results_depend_on_and_may_change_the_hardware(synthetic_store, tmp_path):
+    from skincluster import storage
+    from skincluster.tune.compare import _check_same_trials
+
+    spec = Comparison(data=synthetic_store, storage=str(tmp_path), name="x", models=("nn",), profile="smoke")
+    fs, path = storage.resolve(spec.experiment_dir)
+    os.makedirs(path)
+    with open(os.path.join(path, "experiment.json"), "w") as fh:
+        json.dump({"comparison": dataclasses.asdict(spec),
+                   "runs": {m: dataclasses.asdict(r) for m, r in resolve_runs(spec).items()}}, fh)
+
+    def check(**changes):
+        other = dataclasses.replace(spec, **changes)
+        _check_same_trials(fs, path, other, resolve_runs(other), resuming=True)
+
+    check(scaling=Scaling(cpus_per_worker=0.5, max_failures=3))  # a smaller cluster after a preemption
+    check(data=synthetic_store + "/")
+    with pytest.raises(ValueError, match=r"other settings \(nn recipe.learning_rate 0.00075 -> 0.001\)"):
+        check(overrides={"learning_rate": "1e-3"})
+    with pytest.raises(ValueError, match=r"other settings \(nn scaling.workers 1 -> 2\)"):
+        check(scaling=Scaling(workers=2))  # the global batch grows with the replicas
+    with pytest.raises(ValueError, match=r"other settings \(--scheduler plateau -> asha\)"):
+        check(scheduler="asha")
 
 
 def test_experiment_folder_is_absolute_for_relative_storage(tmp_path, monkeypatch):

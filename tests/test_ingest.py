@@ -18,10 +18,10 @@ from skincluster.config import CLASS_NAMES, IMAGE_SHAPE
 from skincluster.data import store as store_mod
 from skincluster.data.ham10000 import SourceError
 from skincluster.data.images import ImageDecodeError, decode_image
-from skincluster.data.ingest import MIN_IMAGES_FOR_POOL, IngestError, IngestOptions, ingest
+from skincluster.data.ingest import MIN_IMAGES_FOR_POOL, IngestError, IngestOptions, _reason_kind, ingest
 from skincluster.data.store import StoreError, images_from_column, open_store
 
-from helpers import color_of, default_images, jpeg_bytes, make_rows, write_dataverse, write_kaggle
+from helpers import color_of, csv_text, default_images, jpeg_bytes, make_rows, write_dataverse, write_kaggle
 
 QUIET = dict(log=lambda *_: None)
 
@@ -332,9 +332,14 @@ def test_two_different_metadata_files_side_by_side_are_an_error(tmp_path):
     (src / "HAM10000_metadata (1).csv").write_text(metadata)  # an identical re-download is harmless
     assert _ingest(src, tmp_path / "s").manifest["rows"]["in"] == len(rows)
     (src / "HAM10000_metadata (1).csv").write_text("\n".join(metadata.splitlines()[:5]))
-    with pytest.raises(SourceError, match=r"2 different metadata files side by side \(.*HAM10000_metadata \(1\).csv"):
+    with pytest.raises(SourceError, match=r"side by side hold different tables \(.*metadata.csv and .*metadata \(1\).csv"):
         _ingest(src, tmp_path / "s2")
     assert not (tmp_path / "s2").exists()
+    # Dataverse's .tab beside the original CSV is the same table in another format.
+    rows = make_rows()
+    dataverse = write_dataverse(tmp_path / "dv", rows)
+    (dataverse / "HAM10000_metadata.csv").write_text(csv_text(rows))
+    assert _ingest(dataverse, tmp_path / "s3").manifest["rows"]["in"] == len(rows)
 
 
 def test_a_store_with_an_empty_split_is_refused_before_training(tmp_path, capsys):
@@ -377,7 +382,7 @@ def test_image_ids_with_a_file_extension_get_a_hint_and_no_promise_of_a_manifest
     with pytest.raises(IngestError, match="no usable rows; nothing was written"):
         ingest(str(src), str(tmp_path / "s"), IngestOptions(workers=1), log=logged.append)
     text = "\n".join(logged)
-    assert "image_id carries a file extension; the file ISIC_0000001 exists" in text
+    assert f"image_id carries a file extension; {src / 'HAM10000_images_part_1' / 'ISIC_0000001.jpg'} exists" in text
     assert "no manifest is written" in text and "listed in manifest.json" not in text
 
 
@@ -444,28 +449,29 @@ def test_reingest_repairs_a_truncated_shard(good_source, good_store, tmp_path):
     assert len(_all_rows(open_store(str(dest)))["train"]) == good_store[0].manifest["counts"]["train"]["total"]
 
 
-def test_ingest_leaves_a_folder_that_is_not_a_store_alone(good_source, tmp_path):
+def test_ingest_never_replaces_or_deletes_what_it_did_not_write(good_source, tmp_path):
     dest = tmp_path / "mine"
     (dest / "shards" / "mystuff").mkdir(parents=True)
     (dest / "shards" / "mystuff" / "a.txt").write_text("keep")
-    (dest / "notes.txt").write_text("keep")
-    with pytest.raises(IngestError, match=r"mine is not empty \(notes.txt\).*nothing was written"):
-        _ingest(good_source, dest)
-    (dest / "notes.txt").unlink()
     (dest / "manifest.json").write_text('{"x": 1}')
-    with pytest.raises(IngestError, match="manifest.json is not a skincluster store manifest"):
+    with pytest.raises(IngestError, match="manifest.json is not a skincluster store manifest.*nothing was written"):
         _ingest(good_source, dest)
     (dest / "manifest.json").write_text('{"ingest_id": ')
-    with pytest.raises(IngestError, match="manifest.json cannot be read"):
+    with pytest.raises(IngestError, match="manifest.json is not readable JSON.*delete its manifest.json"):
         _ingest(good_source, dest)
-    assert (dest / "shards" / "mystuff" / "a.txt").read_text() == "keep"
     assert not any(dest.rglob("*.parquet"))
-    # Over a store, only shard folders named like an ingest id are ingest's to remove.
+    # Without a manifest the folder takes a store beside the user's files, and only
+    # shard folders named like an ingest id are ingest's to remove.
     (dest / "manifest.json").unlink()
+    (dest / "notes.txt").write_text("keep")
     _ingest(good_source, dest)
     _ingest(good_source, dest, seed=1)
     assert (dest / "shards" / "mystuff" / "a.txt").read_text() == "keep"
+    assert (dest / "notes.txt").read_text() == "keep"
     assert len(list((dest / "shards").iterdir())) == 2
+    (tmp_path / "file").write_text("")
+    with pytest.raises(IngestError, match="file is a file"):
+        _ingest(good_source, tmp_path / "file")
 
 
 def test_a_corrupt_zip_member_is_quarantined_and_the_rest_ingested(tmp_path):
@@ -483,6 +489,8 @@ def test_a_corrupt_zip_member_is_quarantined_and_the_rest_ingested(tmp_path):
     (bad,) = result.quarantine
     assert bad["image_id"] == victim and "corrupt zip member" in bad["reason"] and victim in bad["reason"]
     assert result.manifest["rows"]["written"] == len(rows) - 1
+    # The summary counts reasons by kind, without each row's details.
+    assert _reason_kind(bad["reason"]) == "corrupt zip member"
 
 
 def test_a_damaged_store_is_an_error_naming_the_manifest_or_shard(good_store, tmp_path):

@@ -112,6 +112,9 @@ def decode_chunk(job: tuple[Output, list[tuple[int, str, str | None]]]) -> list[
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged member, not the whole zip
             out.append((index, f"{where}: corrupt zip member ({exc})", "", None, None))
             continue
+        except (NotImplementedError, RuntimeError) as exc:  # Deflate64, an encrypted member
+            out.append((index, f"{where}: unreadable zip member ({exc})", "", None, None))
+            continue
         md5 = hashlib.md5(data).hexdigest()
         try:
             pixels = decode_image(data)

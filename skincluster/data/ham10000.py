@@ -126,16 +126,27 @@ def discover(fs: pafs.FileSystem, root: str) -> SourceListing:
     if not metadata:
         raise SourceError(f"{root}: no {METADATA_PREFIX}.csv (or .tab) found")
     # The shallowest one wins: a copy nested deeper is usually a stale extract.
-    # Two different ones at that depth (a re-download "HAM10000_metadata (1).csv")
-    # are ambiguous; identical copies (an extract beside its zip) are not.
-    metadata.sort(key=lambda m: (m.describe().count("/"), m.describe()))
+    # Two tables at that depth that differ (a re-download "HAM10000_metadata (1).csv")
+    # are ambiguous; the same table twice (an extract beside its zip, a .tab
+    # beside its .csv) is not.
+    metadata.sort(key=lambda m: (m.describe().count("/"), not _canonical_metadata_name(m), m.describe()))
     depth = metadata[0].describe().count("/")
     shallowest = [m for m in metadata if m.describe().count("/") == depth]
-    if len({read_location(fs, m) for m in shallowest}) > 1:
-        raise SourceError(f"{root}: {len(shallowest)} different metadata files side by side "
-                          f"({', '.join(m.describe() for m in shallowest)}); keep the one to ingest and move "
-                          "the others away")
+    if len(shallowest) > 1:
+        first = read_metadata(fs, shallowest[0])
+        differing = [m for m in shallowest[1:] if not read_metadata(fs, m).equals(first)]
+        if differing:
+            raise SourceError(
+                f"{root}: metadata files side by side hold different tables ({shallowest[0].describe()} and "
+                f"{', '.join(m.describe() for m in differing)}); keep the one to ingest and move the others away"
+            )
     return SourceListing(root, metadata[0], images, containers, duplicates)
+
+
+def _canonical_metadata_name(loc: ImageLocation) -> bool:
+    """HAM10000_metadata, .csv or .tab: not "HAM10000_metadata (1).csv" or a backup."""
+    stem = posixpath.splitext(posixpath.basename(loc.member or loc.path))[0]
+    return stem.lower() == METADATA_PREFIX.lower()
 
 
 def read_location(fs: pafs.FileSystem, loc: ImageLocation) -> bytes:

@@ -20,6 +20,7 @@ import hashlib
 import multiprocessing
 import os
 import posixpath
+import re
 import tempfile
 import time
 from collections import Counter
@@ -163,41 +164,33 @@ def ingest(source: str, dest: str, options: IngestOptions = IngestOptions(), *, 
 
 
 def _existing_manifest(dest: str) -> dict[str, Any] | None:
-    """The store manifest already at `dest`; None for a new or empty folder or a killed ingest's shards.
+    """The store manifest already at `dest`, or None where there is none.
 
-    Refuses anything else: replacing a store removes old shard folders, so a
-    folder that is not a store, or whose manifest cannot be read, is left alone.
+    Ingest writes only ``manifest.json`` and ``shards/<ingest id>/`` (and deletes
+    only such shard folders), so other files in the folder are safe; a
+    manifest.json that is not a store's is not replaced.
     """
     fs, root = storage.resolve(dest)
     manifest_path = posixpath.join(root, store.MANIFEST_NAME)
     where = storage.join(dest, store.MANIFEST_NAME)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
+    if fs.get_file_info(root).type == pafs.FileType.File:
         raise IngestError(f"{dest} is a file; ingest writes a store into a folder; nothing was written")
-    if storage.exists(fs, manifest_path):
-        try:
-            manifest = storage.read_json(fs, manifest_path)
-        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise IngestError(
-                f"{where} cannot be read ({exc}); if {dest} is a damaged skincluster store, delete its "
-                f"{store.MANIFEST_NAME} and ingest again; nothing was written"
-            ) from None
-        if not (isinstance(manifest, dict) and "ingest_id" in manifest and isinstance(manifest.get("files"), list)):
-            raise IngestError(f"{where} is not a skincluster store manifest; refusing to write a store "
-                              f"over {dest}; nothing was written")
-        return manifest
-    if info.type == pafs.FileType.Directory:
-        others = sorted(
-            i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
-            if i.base_name != store.SHARDS_DIR and not i.base_name.startswith(".")
-        )
-        if others:
-            raise IngestError(
-                f"{dest} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and holds no "
-                f"skincluster {store.MANIFEST_NAME}: ingest writes into a new or empty folder or over a store; "
-                "nothing was written"
-            )
-    return None
+    if fs.get_file_info(posixpath.join(root, store.SHARDS_DIR)).type == pafs.FileType.File:
+        raise IngestError(f"{storage.join(dest, store.SHARDS_DIR)} is a file, where the store's shard folders go; "
+                          "nothing was written")
+    if not storage.exists(fs, manifest_path):
+        return None
+    try:
+        manifest = storage.read_json(fs, manifest_path)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise IngestError(
+            f"{where} is not readable JSON ({exc}); if {dest} is a damaged skincluster store, delete its "
+            f"{store.MANIFEST_NAME} and ingest again; nothing was written"
+        ) from None
+    if not (isinstance(manifest, dict) and "ingest_id" in manifest and isinstance(manifest.get("files"), list)):
+        raise IngestError(f"{where} is not a skincluster store manifest; refusing to write a store "
+                          f"over {dest}; nothing was written")
+    return manifest
 
 
 def _ingest(
@@ -217,7 +210,7 @@ def _ingest(
         reason = "image file not found in the source"
         stem, extension = posixpath.splitext(i)
         if extension.lower() in ham10000.IMAGE_EXTENSIONS and stem in listing.images:
-            reason += f" (image_id carries a file extension; the file {stem} exists)"
+            reason += f" (image_id carries a file extension; {listing.images[stem].describe()} exists)"
         quarantine.append({"row": int(r), "image_id": i, "reason": reason})
     rows = rows.loc[has_file].reset_index(drop=True)
 
@@ -428,10 +421,15 @@ def _print_quarantine(log, quarantine: list[dict], *, listed: bool, limit: int =
     if len(quarantine) > limit:
         where = "all listed in manifest.json under 'quarantine'" if listed else "no manifest is written"
         log(f"  ... and {len(quarantine) - limit} more ({where})")
-    reasons = Counter(q["reason"].split(":")[-1].strip() if ":" in q["reason"] else q["reason"] for q in quarantine)
+    reasons = Counter(_reason_kind(q["reason"]) for q in quarantine)
     if len(reasons) > 1:
         for reason, n in reasons.most_common(5):
             log(f"  {n:>6} x {reason}")
+
+
+def _reason_kind(reason: str) -> str:
+    """"path: corrupt zip member (Bad CRC-32 ...)" -> "corrupt zip member": the reason without the row's details."""
+    return re.sub(r"\s*\([^()]*\)$", "", reason).split(":")[-1].strip()
 
 
 def _print_summary(log, result: IngestResult, orphans: list[str]) -> None:

@@ -131,7 +131,7 @@ def open_store(root: str) -> Store:
     where = storage.join(root, MANIFEST_NAME)
     try:
         manifest = storage.read_json(fs, manifest_path)
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError; an OSError is not the file's fault
         raise StoreError(f"{where}: not a readable store manifest ({exc}); delete it and ingest the data again") from None
     if not isinstance(manifest, dict):
         raise StoreError(f"{where}: not a store manifest (a JSON {type(manifest).__name__}, not an object)")
@@ -142,12 +142,11 @@ def open_store(root: str) -> Store:
     if missing:
         raise StoreError(f"{where}: the manifest lacks {', '.join(missing)}; ingest the data again")
     paths = [posixpath.join(path, f["path"]) for f in manifest["files"]]
-    absent = [p for p, info in zip(paths, fs.get_file_info(paths)) if info.type != pafs.FileType.File]
+    absent = [f["path"] for f, info in zip(manifest["files"], fs.get_file_info(paths)) if info.type != pafs.FileType.File]
     if absent:
         raise StoreError(f"{root}: {len(absent)} shard(s) listed in {MANIFEST_NAME} are missing ({absent[0]}"
                          f"{', ...' if len(absent) > 1 else ''}); ingest the data again to repair the store")
     return Store(root, fs, path, manifest)
-
 
 
 def images_from_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

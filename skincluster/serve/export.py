@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -88,7 +89,7 @@ def load_models(paths: list[str]) -> list:
             raise FileNotFoundError(f"{path}: no such model file or SavedModel folder")
         try:
             model = load_model(path)
-        except (ValueError, OSError, TypeError, KeyError) as exc:
+        except (ValueError, OSError, TypeError, KeyError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{path}: cannot load as a Keras model: {exc}") from exc
         if tuple(model.input_shape) != (None, *IMAGE_SHAPE) or tuple(model.output_shape) != (None, len(CLASS_NAMES)):
             raise ValueError(

@@ -26,6 +26,7 @@ from skincluster.config import (
     TrainRun,
     check_folder_name,
     check_override_prefixes,
+    dotted_leaves,
     prefixed_overrides,
     replace_fields,
 )
@@ -161,7 +162,7 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     fs, path = storage.resolve(spec.experiment_dir)
     tune_path = storage.join(spec.experiment_dir, "tune")
     resuming = tune.Tuner.can_restore(tune_path)
-    _check_same_trials(fs, path, runs, resuming)
+    _check_same_trials(fs, path, spec, runs, resuming)
     fs.create_dir(path, recursive=True)
     storage.write_json_atomic(
         fs,
@@ -207,12 +208,21 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     return spec.experiment_dir
 
 
-def _check_same_trials(fs, path: str, runs: dict[str, TrainRun], resuming: bool) -> None:
+#: What a trial's results depend on (flattened TrainRun keys, or their prefixes),
+#: so what a resumed trial must share with the one that started. The store is
+#: compared by its classes and statistics, not its path; hardware, retries and
+#: where the folders live may change between the two commands.
+RESULT_SETTINGS = ("model", "profile", "recipe.", "data.limit", "data.seed", "scaling.workers", "class_names",
+                   "channel_mean", "channel_std", "train_class_counts")
+
+
+def _check_same_trials(fs, path: str, spec: Comparison, runs: dict[str, TrainRun], resuming: bool) -> None:
     """Tune restores the trials it started with: a resumed experiment cannot gain or lose one,
-    nor change a trial's settings (its finished epochs and results were made with the old ones)."""
+    nor change what a trial's results depend on (its finished epochs were made with the old settings)."""
     if not resuming or not storage.exists(fs, f"{path}/experiment.json"):
         return
-    previous = storage.read_json(fs, f"{path}/experiment.json")["runs"]
+    experiment = storage.read_json(fs, f"{path}/experiment.json")
+    previous = experiment["runs"]
     before = set(previous)
     if before != set(runs):
         changes = [f"{what}: {', '.join(sorted(names))}"
@@ -220,26 +230,20 @@ def _check_same_trials(fs, path: str, runs: dict[str, TrainRun], resuming: bool)
         raise ValueError(f"{path} holds an experiment of other trials ({'; '.join(changes)}); "
                          "ask for the same --models and --variant to resume it, or use another --name")
     changed = []
+    scheduler = experiment.get("comparison", {}).get("scheduler", spec.scheduler)
+    if scheduler != spec.scheduler:  # Tune keeps the scheduler it started with
+        changed.append(f"--scheduler {scheduler} -> {spec.scheduler}")
     for trial, run in runs.items():
-        now = _leaves(json.loads(json.dumps(dataclasses.asdict(run))))
-        then = _leaves(previous[trial])
-        changed += [f"{trial} {key} {then.get(key)!r} -> {now.get(key)!r}"
-                    for key in sorted(set(now) | set(then)) if now.get(key) != then.get(key)]
+        now = dotted_leaves(json.loads(json.dumps(dataclasses.asdict(run))))
+        then = dotted_leaves(previous[trial])
+        # A key the older experiment.json lacks is a field added since, at its default.
+        keys = [k for k in now if k in then and k.startswith(RESULT_SETTINGS)]
+        changed += [f"{trial} {key} {then[key]!r} -> {now[key]!r}" for key in keys if now[key] != then[key]]
     if changed:
         raise ValueError(f"{path} holds an experiment run with other settings ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}); run the same command as before to resume it, "
                          "or use another --name")
 
-
-def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"recipe.learning_rate": 0.001, ...}: a nested dict flattened to dotted keys."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):

@@ -84,8 +84,9 @@ def _tune_history(fs, root: str, model: str) -> list[dict[str, Any]]:
 
 def _check_evaluation(path: str, evaluation: Any) -> None:
     missing = [k for k in EVALUATION_KEYS if not isinstance(evaluation, dict) or k not in evaluation]
-    if not missing and isinstance(evaluation["val"], dict):
-        missing = [f"val.{k}" for k in VAL_KEYS if k not in evaluation["val"]]
+    if not missing:
+        val = evaluation["val"]
+        missing = [f"val.{k}" for k in VAL_KEYS if k not in val] if isinstance(val, dict) else ["val (an object)"]
     if missing:
         raise ReportError(f"{path}: not a trial evaluation, lacks {', '.join(missing)}")
 
