@@ -419,8 +419,9 @@ def check_folder_name(name: str, what: str) -> None:
                          "no surrounding spaces)")
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+def as_stored(obj: Any) -> dict[str, Any]:
+    """A dataclass as its JSON file holds it (tuples as lists), to compare with what was stored."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
 @dataclass(frozen=True)

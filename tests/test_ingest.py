@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from skincluster.cli import main as cli_main
 from skincluster.config import CLASS_NAMES, IMAGE_SHAPE

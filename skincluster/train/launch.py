@@ -18,7 +18,15 @@ from typing import Any
 
 import skincluster
 from skincluster import storage
-from skincluster.config import PROFILES, DataConfig, Scaling, TrainRun, overrides_for_model, replace_fields
+from skincluster.config import (
+    PROFILES,
+    DataConfig,
+    Scaling,
+    TrainRun,
+    as_stored,
+    overrides_for_model,
+    replace_fields,
+)
 from skincluster.data.splits import SPLITS
 from skincluster.data.store import Store, StoreError, open_store
 
@@ -108,7 +116,7 @@ def finished_result(run: TrainRun) -> RunResult | None:
     files = [f"{path}/{n}" for n in (CONFIG_FILE, HISTORY_FILE, EVALUATION_FILE, MODEL_FILE)]
     if not all(storage.exists(fs, f) for f in files):
         return None
-    if storage.read_json(fs, files[0]) != json.loads(json.dumps(dataclasses.asdict(run))):
+    if storage.read_json(fs, files[0]) != as_stored(run):
         raise ValueError(
             f"{run_dir_of(run)} holds a finished run with a different config; use another --name or --storage"
         )

@@ -15,7 +15,6 @@ rank-0 report into a Tune iteration, which is what schedulers act on.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from skincluster import storage
 from skincluster.config import (
     Scaling,
     TrainRun,
+    as_stored,
     check_folder_name,
     check_override_prefixes,
     dotted_leaves,
@@ -234,7 +234,7 @@ def _check_same_trials(fs, path: str, spec: Comparison, runs: dict[str, TrainRun
     if scheduler != spec.scheduler:  # Tune keeps the scheduler it started with
         changed.append(f"--scheduler {scheduler} -> {spec.scheduler}")
     for trial, run in runs.items():
-        now = dotted_leaves(json.loads(json.dumps(dataclasses.asdict(run))))
+        now = dotted_leaves(as_stored(run))
         then = dotted_leaves(previous[trial])
         # A key the older experiment.json lacks is a field added since, at its default.
         keys = [k for k in now if k in then and k.startswith(RESULT_SETTINGS)]
@@ -243,7 +243,6 @@ def _check_same_trials(fs, path: str, spec: Comparison, runs: dict[str, TrainRun
         raise ValueError(f"{path} holds an experiment run with other settings ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}); run the same command as before to resume it, "
                          "or use another --name")
-
 
 
 def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):
