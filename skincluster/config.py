@@ -112,6 +112,10 @@ class Recipe:
     #: Train against targets of 1 - label_smoothing + label_smoothing / K for
     #: the true class and label_smoothing / K for each other one (0: one-hot).
     label_smoothing: float = 0.0
+    #: Validate, early-stop on and export an exponential moving average of the
+    #: weights, updated after every training step with this decay (None: the
+    #: weights themselves). 0.999 averages over about 1,000 steps.
+    ema_decay: float | None = None
     #: float16 compute with a float32 softmax; worth it on GPUs only.
     mixed_precision: bool = False
     #: Stop after the epoch that exhausts this much training time (None: no limit).
@@ -134,6 +138,8 @@ class Recipe:
                 raise ValueError(f"{name} must be at least 0, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         for name in ("adam_beta_1", "adam_beta_2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

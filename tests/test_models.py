@@ -27,7 +27,7 @@ from skincluster.models import (
     list_models,
     set_precision,
 )
-from skincluster.models.training import scheduled_learning_rate
+from skincluster.models.training import WeightAverage, scheduled_learning_rate
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_7_5_224_tf_no_top.h5"
 STUDY_ORDER = ["nn", "cnn", "cnn_aug", "mobilenet", "resnet50", "densenet121", "mobilenet_enhanced"]
@@ -520,6 +520,56 @@ def test_callbacks_follow_the_recipe():
     assert stopping.monitor == "val_balanced_accuracy"
     assert (stopping.patience, stopping.restore_best_weights) == (20, True)
     assert stopping.monitor_op == np.greater
+
+
+def test_weight_average_is_validated_and_kept_while_training_goes_on_unchanged():
+    """WeightAverage: after every step, average += (1 - d) * (weights - average),
+    d = min(decay, (1 + n) / (10 + n)); validation and the model fit() leaves
+    behind use the average; the training weights follow the same path as
+    without it (the average is swapped out again before each epoch)."""
+
+    def fit(extra_callbacks):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.layers.Dense(3, activation="softmax", input_shape=(5,))])
+        model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+        stepped = []
+
+        class Record(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                stepped.append(self.model.get_weights())
+
+        x = np.random.default_rng(1).random((40, 5), dtype=np.float32)
+        y = np.arange(40) % 3
+        history = model.fit(x, y, batch_size=10, epochs=3, validation_data=(x, y), verbose=0,
+                            callbacks=[*extra_callbacks, Record()])
+        return model, history.history, stepped, (x, y)
+
+    plain_model, plain, plain_steps, _ = fit([])
+    averager = WeightAverage(0.9)
+    model, averaged, steps, (x, y) = fit([averager])
+    assert len(steps) == 12 and averager.updates == 12
+    for a, b in zip(plain_steps, steps):  # the same training path, step by step
+        for wa, wb in zip(a, b):
+            np.testing.assert_allclose(wa, wb, rtol=1e-6)
+    assert averaged["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    expected = [w.copy() for w in steps[0]]
+    for n, weights in enumerate(steps[1:], start=1):
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = [e + (1 - decay) * (w - e) for e, w in zip(expected, weights)]
+    for e, w in zip(expected, model.get_weights()):
+        np.testing.assert_allclose(w, e, rtol=1e-5)
+    # The last validation saw the average; without it, the last training weights.
+    assert averaged["val_loss"][-1] == pytest.approx(model.evaluate(x, y, verbose=0), rel=1e-5)
+    assert plain["val_loss"][-1] == pytest.approx(plain_model.evaluate(x, y, verbose=0), rel=1e-5)
+    assert averaged["val_loss"][-1] != pytest.approx(plain["val_loss"][-1], rel=1e-3)
+
+
+def test_weight_average_comes_before_every_callback_that_reads_the_weights():
+    recipe = dataclasses.replace(get_recipe("mobilenet_enhanced"), ema_decay=0.999)
+    averager, *others = build_callbacks(recipe)
+    assert isinstance(averager, WeightAverage) and averager.decay == 0.999
+    assert any(isinstance(c, keras.callbacks.EarlyStopping) for c in others)
+    assert not any(isinstance(c, WeightAverage) for c in build_callbacks(get_recipe("mobilenet_enhanced")))
 
 
 def test_cosine_schedule_warms_up_decays_and_stays_at_the_floor():

@@ -51,15 +51,17 @@ def test_local_mode_is_deterministic_for_a_seed(local_result, tmp_path):
     assert [h["loss"] for h in twin.history] == pytest.approx([h["loss"] for h in local_result.history], rel=1e-5)
 
 
-def test_local_run_resumes_after_being_killed(synthetic_store, tmp_path):
-    """The process dies at the start of epoch 3; the same command continues from epoch 2's checkpoint."""
-    marker = tmp_path / "fail-once.marker"
+def _kill_at_epoch_3_and_rerun(store, tmp_path, name, overrides):
+    """Train `name` in a subprocess that dies at the start of epoch 3, check
+    it reported epochs 1-2, run the same command again; return the rerun's
+    reported epochs and history."""
+    marker = tmp_path / f"{name}-fail-once.marker"
     script = textwrap.dedent(
         f"""
         import dataclasses, sys
         from skincluster.train.launch import resolve_run, run_local
-        run = resolve_run("nn", {synthetic_store!r}, storage_dir={str(tmp_path)!r}, name="killed",
-                          profile="smoke", overrides={{"epochs": 4}})
+        run = resolve_run("nn", {store!r}, storage_dir={str(tmp_path)!r}, name={name!r},
+                          profile="smoke", overrides={overrides!r})
         run = dataclasses.replace(run, fail_at_epoch=3, fail_marker={str(marker)!r})
         run_local(run, verbose=0)
         """
@@ -67,14 +69,44 @@ def test_local_run_resumes_after_being_killed(synthetic_store, tmp_path):
     first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert first.returncode == 17, first.stderr[-2000:]
     assert marker.exists()
-    reported = [json.loads(line)["epoch"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    reported = [json.loads(line)["epoch"] for line in open(tmp_path / name / "metrics.jsonl")]
     assert reported == [1, 2]
     second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
-    reported = [json.loads(line)["epoch"] for line in open(tmp_path / "killed" / "metrics.jsonl")]
+    reported = [json.loads(line)["epoch"] for line in open(tmp_path / name / "metrics.jsonl")]
+    return reported, json.load(open(tmp_path / name / "history.json"))
+
+
+def test_local_run_resumes_after_being_killed(synthetic_store, tmp_path):
+    """The process dies at the start of epoch 3; the same command continues from epoch 2's checkpoint."""
+    reported, history = _kill_at_epoch_3_and_rerun(synthetic_store, tmp_path, "killed", {"epochs": 4})
     assert reported == [1, 2, 3, 4]  # epochs 1-2 not redone
-    history = json.load(open(tmp_path / "killed" / "history.json"))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_weight_average_resumes_as_if_never_killed(synthetic_store, tmp_path):
+    """With Recipe.ema_decay the checkpointed model holds the average; a resumed
+    run must train on from the training weights, with the average it had, to
+    validate exactly as a run that was never killed (nn has no dropout or
+    augmentation, and each epoch's shuffle is seeded, so the two must agree)."""
+    overrides = {"epochs": 4, "ema_decay": 0.9}
+    reported, resumed = _kill_at_epoch_3_and_rerun(synthetic_store, tmp_path, "killed-ema", overrides)
+    assert reported == [1, 2, 3, 4]
+    whole = run_local(
+        resolve_run("nn", synthetic_store, storage_dir=str(tmp_path), name="whole-ema", profile="smoke",
+                    overrides=overrides),
+        verbose=0,
+    )
+    for key in ("loss", "val_loss", "val_accuracy"):
+        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in whole.history], rel=5e-3), key
+    # The average really is what was validated: it differs from the training weights' figures.
+    plain = run_local(
+        resolve_run("nn", synthetic_store, storage_dir=str(tmp_path), name="plain", profile="smoke",
+                    overrides={"epochs": 4}),
+        verbose=0,
+    )
+    assert [h["loss"] for h in plain.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-5)
+    assert [h["val_loss"] for h in plain.history] != pytest.approx([h["val_loss"] for h in whole.history], rel=1e-3)
 
 
 def test_resource_check_leaves_cpu_for_ray_data():

@@ -152,10 +152,76 @@ def scheduled_learning_rate(recipe: Recipe, epoch: int) -> float:
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class WeightAverage(keras.callbacks.Callback):
+    """An exponential moving average of the weights, updated after every
+    training step; the model is validated (and early-stopped, checkpointed as
+    "best", exported) with the average, and trains on with its own weights.
+
+    fit() validates between the epoch's last step and on_epoch_end, so the
+    average goes in at on_test_begin (or at on_epoch_end when there is no
+    validation) and the training weights come back at the next
+    on_epoch_begin; after the last epoch the model holds the average. The
+    decay warms up as tf.train.ExponentialMovingAverage's does with
+    num_updates, min(decay, (1 + n) / (10 + n)), so the first steps do not
+    drag the random head's initial weights along for thousands of steps.
+
+    To resume exactly, keep `average`, `training_weights` (the weights to
+    train on while the average is loaded) and `updates`.
+    """
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.average: list[np.ndarray] | None = None
+        self.training_weights: list[np.ndarray] | None = None
+        self.updates = 0
+        self._fitting = False
+
+    def on_train_begin(self, logs=None):
+        self._fitting = True
+
+    def on_train_end(self, logs=None):
+        self._fitting = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.training_weights is not None:
+            self.model.set_weights(self.training_weights)
+            self.training_weights = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        weights = self.model.get_weights()
+        if self.average is None:
+            self.average = [np.array(w, copy=True) for w in weights]
+        else:
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            for i, w in enumerate(weights):
+                if np.issubdtype(w.dtype, np.floating):
+                    self.average[i] += (1 - decay) * (w - self.average[i])
+                else:  # a counter or random-generator state: averaging it means nothing
+                    self.average[i] = w
+        self.updates += 1
+
+    def on_test_begin(self, logs=None):
+        if self._fitting:
+            self._load_average()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._load_average()
+
+    def _load_average(self):
+        if self.average is None or self.training_weights is not None:
+            return
+        self.training_weights = self.model.get_weights()
+        self.model.set_weights(self.average)
+
+
 def build_callbacks(recipe: Recipe) -> list[keras.callbacks.Callback]:
-    """The recipe's LR schedule (plateau, or warm-up and cosine decay) and
-    EarlyStopping, each only when enabled."""
+    """The recipe's weight average, LR schedule (plateau, or warm-up and
+    cosine decay) and EarlyStopping, each only when enabled. The average comes
+    first so that every later callback sees the averaged weights."""
     callbacks: list[keras.callbacks.Callback] = []
+    if recipe.ema_decay is not None:
+        callbacks.append(WeightAverage(recipe.ema_decay))
     if recipe.cosine_decay_epochs is not None or recipe.warmup_epochs:
         callbacks.append(keras.callbacks.LearningRateScheduler(lambda epoch: scheduled_learning_rate(recipe, epoch)))
     if recipe.reduce_lr_on_plateau:

@@ -20,15 +20,18 @@ import tensorflow as tf
 import tf_keras as keras
 
 from skincluster.config import IMAGE_SHAPE, TrainRun
+from skincluster.models.training import WeightAverage
 from skincluster.train.context import RunContext, scratch_dir
 
 FINAL_MODEL = "model.keras"
 STATE_FILE = "state.json"
 WEIGHTS_PREFIX = "tf_ckpt"
 BEST_WEIGHTS = "best_weights.npz"
-#: Callback attributes that must survive a restart for LR plateau and early
-#: stopping to behave as if training had never stopped.
-RESUMABLE_ATTRIBUTES = ("wait", "best", "cooldown_counter", "best_epoch", "stopped_epoch")
+#: The weight average and the training weights it stands in for (Recipe.ema_decay).
+WEIGHT_AVERAGE = "weight_average.npz"
+#: Callback attributes that must survive a restart for LR plateau, early
+#: stopping and the weight average to behave as if training had never stopped.
+RESUMABLE_ATTRIBUTES = ("wait", "best", "cooldown_counter", "best_epoch", "stopped_epoch", "updates")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -59,6 +62,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
         compile_model(model, run.recipe, num_classes)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     callbacks = build_callbacks(run.recipe)
+    averager = next((c for c in callbacks if isinstance(c, WeightAverage)), None)
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "callbacks": {}, "finished": False, "restarts": 0}
     best_weights = None
@@ -70,6 +74,13 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
             if os.path.exists(os.path.join(path, BEST_WEIGHTS)):
                 with np.load(os.path.join(path, BEST_WEIGHTS)) as npz:
                     best_weights = [npz[f"w{i}"] for i in range(len(npz.files))]
+            if averager is not None and os.path.exists(os.path.join(path, WEIGHT_AVERAGE)):
+                # The checkpointed model holds the average (it was validated
+                # with it); training goes on from the weights kept beside it.
+                with np.load(os.path.join(path, WEIGHT_AVERAGE)) as npz:
+                    count = len(npz.files) // 2
+                    averager.average = [npz[f"a{i}"] for i in range(count)]
+                    averager.training_weights = [npz[f"t{i}"] for i in range(count)]
     if state["finished"]:
         return state["history"]
 
@@ -77,6 +88,11 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
     # tf.distribute treats a dataset's batch as the global batch and splits it
     # across replicas, so every worker feeds batches of per-replica x replicas.
     global_batch = run.recipe.batch_size * replicas
+    # The 0-based epoch whose shuffle the next training iterator draws. fit()
+    # creates an epoch's iterator before calling on_epoch_begin, so whether the
+    # generator saw the new epoch would depend on when tf.data first pulls from
+    # it; the box moves on at the end of the epoch before instead
+    # (EpochReporter.on_epoch_end).
     epoch_box = {"epoch": state["epoch"]}
 
     def dataset(split: str, train: bool) -> tf.data.Dataset:
@@ -159,7 +175,6 @@ class EpochReporter(keras.callbacks.Callback):
             stopper.best_weights = self.best_weights
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_box["epoch"] = epoch
         self._epoch_start = time.perf_counter()
         self._steps = 0
         run = self.run
@@ -200,6 +215,7 @@ class EpochReporter(keras.callbacks.Callback):
             metrics["best_epoch"] = int(stopper.best_epoch) + 1
 
         self.state["epoch"] = epoch + 1
+        self.epoch_box["epoch"] = epoch + 1
         self.state["history"].append(metrics)
         self.state["finished"] = final
         self.state["callbacks"] = {
@@ -212,6 +228,13 @@ class EpochReporter(keras.callbacks.Callback):
             self.checkpoint.write(os.path.join(folder, WEIGHTS_PREFIX))
             if stopper is not None and stopper.best_weights is not None:
                 np.savez(os.path.join(folder, BEST_WEIGHTS), **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
+            averager = next((c for c in self.callbacks if isinstance(c, WeightAverage)), None)
+            if averager is not None and averager.training_weights is not None:
+                np.savez(
+                    os.path.join(folder, WEIGHT_AVERAGE),
+                    **{f"a{i}": w for i, w in enumerate(averager.average)},
+                    **{f"t{i}": w for i, w in enumerate(averager.training_weights)},
+                )
             if final:
                 self.model.save(os.path.join(folder, FINAL_MODEL))
             with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
