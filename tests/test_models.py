@@ -528,7 +528,7 @@ def test_weight_average_is_validated_and_kept_while_training_goes_on_unchanged()
     behind use the average; the training weights follow the same path as
     without it (the average is swapped out again before each epoch)."""
 
-    def fit(extra_callbacks):
+    def fit(extra_callbacks, validate=True):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.layers.Dense(3, activation="softmax", input_shape=(5,))])
         model.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
@@ -540,7 +540,7 @@ def test_weight_average_is_validated_and_kept_while_training_goes_on_unchanged()
 
         x = np.random.default_rng(1).random((40, 5), dtype=np.float32)
         y = np.arange(40) % 3
-        history = model.fit(x, y, batch_size=10, epochs=3, validation_data=(x, y), verbose=0,
+        history = model.fit(x, y, batch_size=10, epochs=3, validation_data=(x, y) if validate else None, verbose=0,
                             callbacks=[*extra_callbacks, Record()])
         return model, history.history, stepped, (x, y)
 
@@ -562,6 +562,10 @@ def test_weight_average_is_validated_and_kept_while_training_goes_on_unchanged()
     assert averaged["val_loss"][-1] == pytest.approx(model.evaluate(x, y, verbose=0), rel=1e-5)
     assert plain["val_loss"][-1] == pytest.approx(plain_model.evaluate(x, y, verbose=0), rel=1e-5)
     assert averaged["val_loss"][-1] != pytest.approx(plain["val_loss"][-1], rel=1e-3)
+    # Without validation the average goes in at the epoch's end all the same.
+    unvalidated, _, _, _ = fit([WeightAverage(0.9)], validate=False)
+    for e, w in zip(expected, unvalidated.get_weights()):
+        np.testing.assert_allclose(w, e, rtol=1e-5)
 
 
 def test_weight_average_comes_before_every_callback_that_reads_the_weights():

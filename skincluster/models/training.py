@@ -153,20 +153,27 @@ def scheduled_learning_rate(recipe: Recipe, epoch: int) -> float:
 
 
 class WeightAverage(keras.callbacks.Callback):
-    """An exponential moving average of the weights, updated after every
-    training step; the model is validated (and early-stopped, checkpointed as
-    "best", exported) with the average, and trains on with its own weights.
+    """An exponential moving average of the trainable weights, updated after
+    every training step; the model is validated (and early-stopped,
+    checkpointed as "best", exported) with the average, and trains on with its
+    own weights.
 
     fit() validates between the epoch's last step and on_epoch_end, so the
     average goes in at on_test_begin (or at on_epoch_end when there is no
     validation) and the training weights come back at the next
     on_epoch_begin; after the last epoch the model holds the average. The
-    decay warms up as tf.train.ExponentialMovingAverage's does with
-    num_updates, min(decay, (1 + n) / (10 + n)), so the first steps do not
-    drag the random head's initial weights along for thousands of steps.
+    first step's weights start the average; step n >= 1 then mixes in with a
+    decay that warms up as tf.train.ExponentialMovingAverage's does with
+    num_updates, min(decay, (1 + n) / (10 + n)), so the random head's initial
+    weights do not linger for thousands of steps.
 
-    To resume exactly, keep `average`, `training_weights` (the weights to
-    train on while the average is loaded) and `updates`.
+    Only trainable weights are averaged, as Keras' own optimizer EMA does:
+    BatchNorm statistics are already moving averages (and reading them under
+    MultiWorkerMirroredStrategy costs a collective per variable), and frozen
+    weights never move. The average is paired with the current statistics.
+
+    To resume exactly, keep `training_weights` (the weights to train on while
+    the average is loaded, which it then is) and `updates`.
     """
 
     def __init__(self, decay: float):
@@ -185,20 +192,17 @@ class WeightAverage(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.training_weights is not None:
-            self.model.set_weights(self.training_weights)
+            keras.backend.batch_set_value(list(zip(self.model.trainable_weights, self.training_weights)))
             self.training_weights = None
 
     def on_train_batch_end(self, batch, logs=None):
-        weights = self.model.get_weights()
+        weights = keras.backend.batch_get_value(self.model.trainable_weights)
         if self.average is None:
             self.average = [np.array(w, copy=True) for w in weights]
         else:
             decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-            for i, w in enumerate(weights):
-                if np.issubdtype(w.dtype, np.floating):
-                    self.average[i] += (1 - decay) * (w - self.average[i])
-                else:  # a counter or random-generator state: averaging it means nothing
-                    self.average[i] = w
+            for average, w in zip(self.average, weights):
+                average += (1 - decay) * (w - average)
         self.updates += 1
 
     def on_test_begin(self, logs=None):
@@ -211,8 +215,8 @@ class WeightAverage(keras.callbacks.Callback):
     def _load_average(self):
         if self.average is None or self.training_weights is not None:
             return
-        self.training_weights = self.model.get_weights()
-        self.model.set_weights(self.average)
+        self.training_weights = keras.backend.batch_get_value(self.model.trainable_weights)
+        keras.backend.batch_set_value(list(zip(self.model.trainable_weights, self.average)))
 
 
 def build_callbacks(recipe: Recipe) -> list[keras.callbacks.Callback]:

@@ -2,8 +2,10 @@
 
 Every epoch every worker reports the same metrics (a barrier in Ray Train);
 rank 0 attaches a checkpoint holding the model and optimizer state, the
-epoch, the learning history and the state of the LR-plateau and
-early-stopping callbacks. A restarted worker continues from the newest
+epoch, the learning history and the state of the LR-plateau,
+early-stopping and weight-average callbacks (with Recipe.ema_decay the
+model holds the average, and the weights training goes on from are kept
+beside it). A restarted worker continues from the newest
 checkpoint, so a preempted node costs at most the epoch in progress.
 """
 
@@ -27,8 +29,9 @@ FINAL_MODEL = "model.keras"
 STATE_FILE = "state.json"
 WEIGHTS_PREFIX = "tf_ckpt"
 BEST_WEIGHTS = "best_weights.npz"
-#: The weight average and the training weights it stands in for (Recipe.ema_decay).
-WEIGHT_AVERAGE = "weight_average.npz"
+#: With Recipe.ema_decay, the checkpointed model holds the weight average (it
+#: was validated with it) and this file the trainable weights training goes on from.
+TRAINING_WEIGHTS = "training_weights.npz"
 #: Callback attributes that must survive a restart for LR plateau, early
 #: stopping and the weight average to behave as if training had never stopped.
 RESUMABLE_ATTRIBUTES = ("wait", "best", "cooldown_counter", "best_epoch", "stopped_epoch", "updates")
@@ -74,13 +77,15 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
             if os.path.exists(os.path.join(path, BEST_WEIGHTS)):
                 with np.load(os.path.join(path, BEST_WEIGHTS)) as npz:
                     best_weights = [npz[f"w{i}"] for i in range(len(npz.files))]
-            if averager is not None and os.path.exists(os.path.join(path, WEIGHT_AVERAGE)):
-                # The checkpointed model holds the average (it was validated
-                # with it); training goes on from the weights kept beside it.
-                with np.load(os.path.join(path, WEIGHT_AVERAGE)) as npz:
-                    count = len(npz.files) // 2
-                    averager.average = [npz[f"a{i}"] for i in range(count)]
-                    averager.training_weights = [npz[f"t{i}"] for i in range(count)]
+            averaged = os.path.exists(os.path.join(path, TRAINING_WEIGHTS))
+            if averaged != (averager is not None):
+                # launch refuses to resume a run with other settings; this is the last guard.
+                raise RuntimeError(f"{path} was written {'with' if averaged else 'without'} a weight average, but "
+                                   f"this run has ema_decay={run.recipe.ema_decay}")
+            if averager is not None:
+                averager.average = keras.backend.batch_get_value(model.trainable_weights)
+                with np.load(os.path.join(path, TRAINING_WEIGHTS)) as npz:
+                    averager.training_weights = [npz[f"w{i}"] for i in range(len(npz.files))]
     if state["finished"]:
         return state["history"]
 
@@ -229,12 +234,11 @@ class EpochReporter(keras.callbacks.Callback):
             if stopper is not None and stopper.best_weights is not None:
                 np.savez(os.path.join(folder, BEST_WEIGHTS), **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
             averager = next((c for c in self.callbacks if isinstance(c, WeightAverage)), None)
-            if averager is not None and averager.training_weights is not None:
-                np.savez(
-                    os.path.join(folder, WEIGHT_AVERAGE),
-                    **{f"a{i}": w for i, w in enumerate(averager.average)},
-                    **{f"t{i}": w for i, w in enumerate(averager.training_weights)},
-                )
+            if averager is not None:
+                weights = averager.training_weights
+                if weights is None:  # no training step yet: the model holds its own weights
+                    weights = keras.backend.batch_get_value(self.model.trainable_weights)
+                np.savez(os.path.join(folder, TRAINING_WEIGHTS), **{f"w{i}": w for i, w in enumerate(weights)})
             if final:
                 self.model.save(os.path.join(folder, FINAL_MODEL))
             with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
