@@ -430,6 +430,24 @@ def as_stored(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
+#: What a run's results depend on (flattened TrainRun keys, or their prefixes),
+#: so what a resumed run must share with the one that started. The store is
+#: compared by its classes and statistics, not its path; hardware, retries and
+#: where the folders live may change between the two commands.
+RESULT_SETTINGS = ("model", "profile", "recipe.", "data.limit", "data.seed", "scaling.workers", "class_names",
+                   "channel_mean", "channel_std", "train_class_counts")
+
+
+def changed_settings(stored: dict[str, Any], run: TrainRun) -> list[str]:
+    """``"key old -> new"`` for each RESULT_SETTINGS value `run` changes against
+    `stored` (a run's config.json). A key `stored` lacks is a field added since
+    it was written, at its default, so it is not a change."""
+    now = dotted_leaves(as_stored(run))
+    then = dotted_leaves(stored)
+    keys = [k for k in now if k in then and k.startswith(RESULT_SETTINGS)]
+    return [f"{key} {then[key]!r} -> {now[key]!r}" for key in keys if now[key] != then[key]]
+
+
 @dataclass(frozen=True)
 class TrainRun:
     """Everything one training run needs, resolved; saved as ``config.json`` beside its results."""

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from skincluster.config import Scaling
-from skincluster.train.launch import ResourceError, check_resources, resolve_run, run_local, run_ray
+from skincluster.train.launch import ResourceError, _write_config, check_resources, resolve_run, run_local, run_ray
 
 EPOCH_KEYS = {"loss", "accuracy", "balanced_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "epoch"}
 
@@ -43,6 +43,32 @@ def test_local_run_writes_model_evaluation_and_config(local_result):
 def test_same_command_again_reuses_the_finished_run(local_result):
     again = run_local(local_result.run, verbose=0)
     assert again.reused and again.evaluation == local_result.evaluation
+
+
+def test_a_finished_run_with_other_settings_is_not_reused(local_result):
+    changed = dataclasses.replace(local_result.run, recipe=dataclasses.replace(local_result.run.recipe, epochs=4))
+    with pytest.raises(ValueError, match=r"finished run with other settings \(recipe.epochs 3 -> 4\)"):
+        run_local(changed, verbose=0)
+    # Hardware is not a result setting: the finished run is returned as it is.
+    more_cpus = dataclasses.replace(local_result.run, scaling=Scaling(cpus_per_worker=2))
+    assert run_local(more_cpus, verbose=0).reused
+
+
+def test_an_unfinished_run_is_resumed_only_with_its_own_settings(synthetic_store, tmp_path):
+    """Its checkpoints would otherwise be resumed under a config.json that claims other settings."""
+    run = _run(synthetic_store, tmp_path, "unfinished", overrides={"epochs": 3})
+    _write_config(run)  # what a killed run leaves, with its checkpoints
+    other = _run(synthetic_store, tmp_path, "unfinished", overrides={"epochs": 3, "ema_decay": 0.99})
+    with pytest.raises(ValueError, match=r"unfinished run with other settings \(recipe.ema_decay None -> 0.99\)"):
+        run_local(other, verbose=0)
+    _write_config(dataclasses.replace(run, scaling=Scaling(cpus_per_worker=0.5)))  # hardware may change
+    config = tmp_path / "unfinished" / "config.json"
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match=r"unfinished/config.json: unreadable"):
+        run_local(run, verbose=0)
+    config.write_text("[]")
+    with pytest.raises(ValueError, match=r"unfinished/config.json: not a run's config.json"):
+        run_local(run, verbose=0)
 
 
 def test_local_mode_is_deterministic_for_a_seed(local_result, tmp_path):

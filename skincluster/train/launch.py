@@ -23,7 +23,7 @@ from skincluster.config import (
     DataConfig,
     Scaling,
     TrainRun,
-    as_stored,
+    changed_settings,
     overrides_for_model,
     replace_fields,
 )
@@ -116,10 +116,10 @@ def finished_result(run: TrainRun) -> RunResult | None:
     files = [f"{path}/{n}" for n in (CONFIG_FILE, HISTORY_FILE, EVALUATION_FILE, MODEL_FILE)]
     if not all(storage.exists(fs, f) for f in files):
         return None
-    if storage.read_json(fs, files[0]) != as_stored(run):
-        raise ValueError(
-            f"{run_dir_of(run)} holds a finished run with a different config; use another --name or --storage"
-        )
+    changed = changed_settings(_stored_config(fs, files[0]), run)
+    if changed:
+        raise ValueError(f"{run_dir_of(run)} holds a finished run with other settings ({'; '.join(changed)}); "
+                         "use another --name or --storage")
     return RunResult(run, run_dir_of(run), storage.read_json(fs, files[1]), storage.read_json(fs, files[2]), True)
 
 
@@ -285,8 +285,27 @@ def check_resources(scaling: Scaling, available: dict[str, float] | None = None)
         raise ResourceError("the cluster cannot fit this run: " + "; ".join(problems))
 
 
+def _stored_config(fs, path: str) -> dict[str, Any]:
+    try:
+        stored = storage.read_json(fs, path)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: unreadable ({exc}); move the run folder away or use another --name") from exc
+    if not isinstance(stored, dict) or not isinstance(stored.get("recipe"), dict):
+        raise ValueError(f"{path}: not a run's config.json; move the run folder away or use another --name")
+    return stored
+
+
 def _write_config(run: TrainRun) -> None:
+    """Write config.json, after checking that an unfinished run already in the
+    folder (whose checkpoints the new one would resume) was made with the same
+    settings: its epochs would otherwise be mixed into a run that claims others."""
     fs, path = storage.resolve(run_dir_of(run))
+    if storage.exists(fs, f"{path}/{CONFIG_FILE}"):
+        changed = changed_settings(_stored_config(fs, f"{path}/{CONFIG_FILE}"), run)
+        if changed:
+            raise ValueError(f"{run_dir_of(run)} holds an unfinished run with other settings "
+                             f"({'; '.join(changed)}); run the same command as before to resume it, "
+                             "or use another --name or --storage")
     fs.create_dir(path, recursive=True)
     storage.write_json_atomic(fs, f"{path}/{CONFIG_FILE}", dataclasses.asdict(run))
 

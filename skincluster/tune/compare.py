@@ -23,10 +23,9 @@ from skincluster import storage
 from skincluster.config import (
     Scaling,
     TrainRun,
-    as_stored,
+    changed_settings,
     check_folder_name,
     check_override_prefixes,
-    dotted_leaves,
     prefixed_overrides,
     replace_fields,
 )
@@ -208,14 +207,6 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     return spec.experiment_dir
 
 
-#: What a trial's results depend on (flattened TrainRun keys, or their prefixes),
-#: so what a resumed trial must share with the one that started. The store is
-#: compared by its classes and statistics, not its path; hardware, retries and
-#: where the folders live may change between the two commands.
-RESULT_SETTINGS = ("model", "profile", "recipe.", "data.limit", "data.seed", "scaling.workers", "class_names",
-                   "channel_mean", "channel_std", "train_class_counts")
-
-
 def _check_same_trials(fs, path: str, spec: Comparison, runs: dict[str, TrainRun], resuming: bool) -> None:
     """Tune restores the trials it started with: a resumed experiment cannot gain or lose one,
     nor change what a trial's results depend on (its finished epochs were made with the old settings)."""
@@ -234,11 +225,7 @@ def _check_same_trials(fs, path: str, spec: Comparison, runs: dict[str, TrainRun
     if scheduler != spec.scheduler:  # Tune keeps the scheduler it started with
         changed.append(f"--scheduler {scheduler} -> {spec.scheduler}")
     for trial, run in runs.items():
-        now = dotted_leaves(as_stored(run))
-        then = dotted_leaves(previous[trial])
-        # A key the older experiment.json lacks is a field added since, at its default.
-        keys = [k for k in now if k in then and k.startswith(RESULT_SETTINGS)]
-        changed += [f"{trial} {key} {then[key]!r} -> {now[key]!r}" for key in keys if now[key] != then[key]]
+        changed += [f"{trial} {change}" for change in changed_settings(previous[trial], run)]
     if changed:
         raise ValueError(f"{path} holds an experiment run with other settings ({'; '.join(changed[:4])}"
                          f"{'; ...' if len(changed) > 4 else ''}); run the same command as before to resume it, "
