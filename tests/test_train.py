@@ -124,7 +124,7 @@ def test_weight_average_resumes_as_if_never_killed(synthetic_store, tmp_path):
         verbose=0,
     )
     for key in ("loss", "val_loss", "val_accuracy"):
-        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in whole.history], rel=5e-3), key
+        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in whole.history], rel=1e-6), key
     # The average really is what was validated: it differs from the training weights' figures.
     plain = run_local(
         resolve_run("nn", synthetic_store, storage_dir=str(tmp_path), name="plain", profile="smoke",

@@ -222,6 +222,11 @@ class EpochReporter(keras.callbacks.Callback):
         self.state["epoch"] = epoch + 1
         self.epoch_box["epoch"] = epoch + 1
         self.state["history"].append(metrics)
+        # The first epoch of every fit() over a dataset of unknown length counts
+        # one step too many (the call that finds the data exhausted), so a resumed
+        # run's Adam bias correction would drift by one step per restart: set the
+        # counter to the updates really made before it is checkpointed.
+        self.model.optimizer.iterations.assign(sum(h["steps"] for h in self.state["history"]))
         self.state["finished"] = final
         self.state["callbacks"] = {
             type(cb).__name__: {a: _jsonable(getattr(cb, a)) for a in RESUMABLE_ATTRIBUTES if hasattr(cb, a)}
