@@ -433,19 +433,35 @@ def as_stored(obj: Any) -> dict[str, Any]:
 #: What a run's results depend on (flattened TrainRun keys, or their prefixes),
 #: so what a resumed run must share with the one that started. The store is
 #: compared by its classes and statistics, not its path; hardware, retries and
-#: where the folders live may change between the two commands.
+#: where the folders live may change between the two commands, except for the
+#: replica count (see result_settings).
 RESULT_SETTINGS = ("model", "profile", "recipe.", "data.limit", "data.seed", "scaling.workers", "class_names",
                    "channel_mean", "channel_std", "train_class_counts")
 
 
+def result_settings(stored: dict[str, Any]) -> dict[str, Any]:
+    """The RESULT_SETTINGS values of a run as its config.json holds it, flattened,
+    plus ``scaling.replicas_per_worker``: every GPU of a worker is a replica, and
+    the global batch is the recipe's batch times the replicas, so 1 -> 2 GPUs per
+    worker changes the results even though GPUs are otherwise hardware."""
+    flat = dotted_leaves(stored)
+    settings = {k: v for k, v in flat.items() if k.startswith(RESULT_SETTINGS)}
+    gpus = flat.get("scaling.gpus_per_worker")
+    if isinstance(gpus, (int, float)):
+        settings["scaling.replicas_per_worker"] = max(1, int(gpus))
+    return settings
+
+
 def changed_settings(stored: dict[str, Any], run: TrainRun) -> list[str]:
-    """``"key old -> new"`` for each RESULT_SETTINGS value `run` changes against
-    `stored` (a run's config.json). A key `stored` lacks is a field added since
-    it was written, at its default, so it is not a change."""
-    now = dotted_leaves(as_stored(run))
-    then = dotted_leaves(stored)
-    keys = [k for k in now if k in then and k.startswith(RESULT_SETTINGS)]
-    return [f"{key} {then[key]!r} -> {now[key]!r}" for key in keys if now[key] != then[key]]
+    """``"key old -> new"`` for each result setting `run` changes against
+    `stored` (a run's config.json). A field `stored` lacks was added since it
+    was written, so it is compared at its default."""
+    now = result_settings(as_stored(run))
+    try:
+        then = result_settings(as_stored(TrainRun.from_dict(stored)))
+    except (TypeError, ValueError, KeyError, AttributeError):  # a field removed or renamed since
+        then = result_settings(stored)
+    return [f"{key} {then[key]!r} -> {now[key]!r}" for key in now if key in then and now[key] != then[key]]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Typed config overrides: values from the command line, dotted and per-model keys."""
 
+import dataclasses
 import json
 import re
 
@@ -110,3 +111,21 @@ def test_every_profile_gives_every_model_a_valid_recipe():
         for model in list_models():
             recipe = replace_fields(get_recipe(model), profile.recipe_overrides)
             replace_fields(recipe, profile.model_overrides.get(model, {}))
+
+
+def test_result_settings_count_replicas_and_fields_added_since_at_their_default():
+    from skincluster.config import DataConfig, Recipe, Scaling, TrainRun, as_stored, changed_settings
+
+    run = TrainRun(model="nn", recipe=Recipe(learning_rate=1e-3, epochs=2), data=DataConfig(store="s"),
+                   class_names=("a", "b"), channel_mean=(0.0, 0.0, 0.0), channel_std=(1.0, 1.0, 1.0))
+    stored = as_stored(run)
+    assert changed_settings(stored, dataclasses.replace(run, scaling=Scaling(cpus_per_worker=4))) == []
+    # Two GPUs per worker are two replicas: twice the global batch.
+    assert changed_settings(stored, dataclasses.replace(run, scaling=Scaling(gpus_per_worker=2))) == [
+        "scaling.replicas_per_worker 1 -> 2"]
+    assert changed_settings(stored, dataclasses.replace(run, scaling=Scaling(gpus_per_worker=0.5))) == []
+    # A config.json written before label_smoothing existed had it at its default, 0.0.
+    del stored["recipe"]["label_smoothing"]
+    smoothed = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, label_smoothing=0.1))
+    assert changed_settings(stored, smoothed) == ["recipe.label_smoothing 0.0 -> 0.1"]
+    assert changed_settings(stored, run) == []

@@ -57,11 +57,12 @@ def test_a_finished_run_with_other_settings_is_not_reused(local_result):
 def test_an_unfinished_run_is_resumed_only_with_its_own_settings(synthetic_store, tmp_path):
     """Its checkpoints would otherwise be resumed under a config.json that claims other settings."""
     run = _run(synthetic_store, tmp_path, "unfinished", overrides={"epochs": 3})
-    _write_config(run)  # what a killed run leaves, with its checkpoints
+    _write_config(run, resumes=False)
+    os.makedirs(tmp_path / "unfinished" / "checkpoints" / "epoch_0001")  # what a killed run leaves
     other = _run(synthetic_store, tmp_path, "unfinished", overrides={"epochs": 3, "ema_decay": 0.99})
     with pytest.raises(ValueError, match=r"unfinished run with other settings \(recipe.ema_decay None -> 0.99\)"):
         run_local(other, verbose=0)
-    _write_config(dataclasses.replace(run, scaling=Scaling(cpus_per_worker=0.5)))  # hardware may change
+    _write_config(dataclasses.replace(run, scaling=Scaling(cpus_per_worker=0.5)), resumes=True)  # hardware may change
     config = tmp_path / "unfinished" / "config.json"
     config.write_text("{not json")
     with pytest.raises(ValueError, match=r"unfinished/config.json: unreadable"):
@@ -69,6 +70,10 @@ def test_an_unfinished_run_is_resumed_only_with_its_own_settings(synthetic_store
     config.write_text("[]")
     with pytest.raises(ValueError, match=r"unfinished/config.json: not a run's config.json"):
         run_local(run, verbose=0)
+    # Without checkpoints (a run that failed before its first epoch ended) a corrected command starts afresh.
+    os.rmdir(tmp_path / "unfinished" / "checkpoints" / "epoch_0001")
+    _write_config(other, resumes=False)
+    assert json.loads(config.read_text())["recipe"]["ema_decay"] == 0.99
 
 
 def test_local_mode_is_deterministic_for_a_seed(local_result, tmp_path):

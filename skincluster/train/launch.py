@@ -8,6 +8,7 @@ Driver-side code only; the per-worker loop is in `worker.py`. A run's folder
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -16,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.fs as pafs
+
 import skincluster
 from skincluster import storage
 from skincluster.config import (
@@ -23,9 +26,11 @@ from skincluster.config import (
     DataConfig,
     Scaling,
     TrainRun,
+    as_stored,
     changed_settings,
     overrides_for_model,
     replace_fields,
+    result_settings,
 )
 from skincluster.data.splits import SPLITS
 from skincluster.data.store import Store, StoreError, open_store
@@ -116,7 +121,7 @@ def finished_result(run: TrainRun) -> RunResult | None:
     files = [f"{path}/{n}" for n in (CONFIG_FILE, HISTORY_FILE, EVALUATION_FILE, MODEL_FILE)]
     if not all(storage.exists(fs, f) for f in files):
         return None
-    changed = changed_settings(_stored_config(fs, files[0]), run)
+    changed = changed_settings(_stored_config(fs, files[0], storage.join(run_dir_of(run), CONFIG_FILE)), run)
     if changed:
         raise ValueError(f"{run_dir_of(run)} holds a finished run with other settings ({'; '.join(changed)}); "
                          "use another --name or --storage")
@@ -136,12 +141,15 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
         # Checkpoints need a local folder; results are copied to the URI at the end. The
         # folder is named after the whole URI: keyed by the run name alone, a run to another
         # bucket with the same name resumed from this one's checkpoints (seen in the S3 tests).
-        key = hashlib.sha256(run_dir.encode()).hexdigest()[:16]
+        # The result settings are in the key too: a run with other settings must not
+        # resume these checkpoints even when the URI's config.json is gone.
+        key = hashlib.sha256((run_dir + json.dumps(result_settings(as_stored(run)), sort_keys=True)).encode())
+        key = key.hexdigest()[:16]
         work_dir = os.path.join(tempfile.gettempdir(), "skincluster-local", f"{run.name}-{key}")
     else:
         work_dir = run_dir
     os.makedirs(work_dir, exist_ok=True)
-    _write_config(run)
+    _write_config(run, resumes=bool(glob.glob(os.path.join(work_dir, "checkpoints", "epoch_*"))))
     ctx = LocalContext(work_dir, run.data.store, run.data.limit, run.data.seed)
     history = run_worker(run, ctx, verbose=verbose)
     with ctx.latest_checkpoint() as checkpoint:
@@ -166,7 +174,7 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
         return done
     ensure_ray()
     check_resources(run.scaling)
-    _write_config(run)
+    _write_config(run, resumes=_has_ray_checkpoints(run_dir_of(run)))
     store = open_store(run.data.store)
     datasets = ray_datasets(store, ("train", "val"), run.data.limit, run.data.seed)
     scaling = run.scaling
@@ -285,23 +293,34 @@ def check_resources(scaling: Scaling, available: dict[str, float] | None = None)
         raise ResourceError("the cluster cannot fit this run: " + "; ".join(problems))
 
 
-def _stored_config(fs, path: str) -> dict[str, Any]:
+def _stored_config(fs, path: str, shown: str) -> dict[str, Any]:
+    """The config.json at `path` in `fs`, named `shown` (its URI) in errors."""
     try:
         stored = storage.read_json(fs, path)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: unreadable ({exc}); move the run folder away or use another --name") from exc
+        raise ValueError(f"{shown}: unreadable ({exc}); move the run folder away or use another --name") from exc
     if not isinstance(stored, dict) or not isinstance(stored.get("recipe"), dict):
-        raise ValueError(f"{path}: not a run's config.json; move the run folder away or use another --name")
+        raise ValueError(f"{shown}: not a run's config.json; move the run folder away or use another --name")
     return stored
 
 
-def _write_config(run: TrainRun) -> None:
-    """Write config.json, after checking that an unfinished run already in the
-    folder (whose checkpoints the new one would resume) was made with the same
-    settings: its epochs would otherwise be mixed into a run that claims others."""
+def _has_ray_checkpoints(run_dir: str) -> bool:
+    """Whether a Ray Train run in `run_dir` left anything it would resume from."""
+    fs, path = storage.resolve(run_dir)
+    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return any(e.base_name.startswith("checkpoint_") for e in entries)
+
+
+def _write_config(run: TrainRun, resumes: bool) -> None:
+    """Write config.json. When the folder holds checkpoints the run would resume
+    (`resumes`), first check that the run which wrote them had the same result
+    settings: its epochs would otherwise be mixed into a run that claims others.
+    Without checkpoints (a run that failed before its first epoch ended, say
+    for a wrong --set), the new settings simply replace the old."""
     fs, path = storage.resolve(run_dir_of(run))
-    if storage.exists(fs, f"{path}/{CONFIG_FILE}"):
-        changed = changed_settings(_stored_config(fs, f"{path}/{CONFIG_FILE}"), run)
+    if resumes and storage.exists(fs, f"{path}/{CONFIG_FILE}"):
+        shown = storage.join(run_dir_of(run), CONFIG_FILE)
+        changed = changed_settings(_stored_config(fs, f"{path}/{CONFIG_FILE}", shown), run)
         if changed:
             raise ValueError(f"{run_dir_of(run)} holds an unfinished run with other settings "
                              f"({'; '.join(changed)}); run the same command as before to resume it, "
