@@ -124,6 +124,19 @@ def test_a_resume_must_keep_what_results_depend_on_and_may_change_the_hardware(s
         check(scheduler="asha")
 
 
+def test_trial_folders_with_checkpoints_of_other_settings_are_refused_before_ray_starts(synthetic_store, tmp_path):
+    """Without Tune's state (deleted, or never saved) the trials' folders may still
+    hold checkpoints that their Train runs would resume: checked before anything runs."""
+    spec = Comparison(data=synthetic_store, storage=str(tmp_path), name="x", models=("nn",), profile="smoke")
+    old = dataclasses.replace(spec, overrides={"learning_rate": "1e-3"})
+    run_dir = tmp_path / "x" / "runs" / "nn"
+    os.makedirs(run_dir / "checkpoint_epoch_0001")
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(resolve_runs(old)["nn"])))
+    with pytest.raises(ValueError, match=r"runs/nn holds a run with other settings \(recipe.learning_rate 0.001 -> "):
+        run_comparison(spec)
+    assert not (tmp_path / "x" / "experiment.json").exists()
+
+
 def test_experiment_folder_is_absolute_for_relative_storage(tmp_path, monkeypatch):
     """Seen: `--storage demo/experiments` made Tune fail with "URI has empty scheme"."""
     monkeypatch.chdir(tmp_path)

@@ -60,7 +60,7 @@ def test_an_unfinished_run_is_resumed_only_with_its_own_settings(synthetic_store
     _write_config(run, resumes=False)
     os.makedirs(tmp_path / "unfinished" / "checkpoints" / "epoch_0001")  # what a killed run leaves
     other = _run(synthetic_store, tmp_path, "unfinished", overrides={"epochs": 3, "ema_decay": 0.99})
-    with pytest.raises(ValueError, match=r"unfinished run with other settings \(recipe.ema_decay None -> 0.99\)"):
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(recipe.ema_decay None -> 0.99\) and checkpoints"):
         run_local(other, verbose=0)
     _write_config(dataclasses.replace(run, scaling=Scaling(cpus_per_worker=0.5)), resumes=True)  # hardware may change
     config = tmp_path / "unfinished" / "config.json"

@@ -311,6 +311,25 @@ def _has_ray_checkpoints(run_dir: str) -> bool:
     return any(e.base_name.startswith("checkpoint_") for e in entries)
 
 
+def check_ray_resumable(run: TrainRun) -> None:
+    """Refuse `run` before anything starts if its folder holds Ray Train
+    checkpoints of a run with other result settings (compare checks every trial
+    with it, so a refusal does not come one failed trial at a time)."""
+    if _has_ray_checkpoints(run_dir_of(run)):
+        _check_same_settings(run)
+
+
+def _check_same_settings(run: TrainRun) -> None:
+    fs, path = storage.resolve(run_dir_of(run))
+    if not storage.exists(fs, f"{path}/{CONFIG_FILE}"):
+        return
+    changed = changed_settings(_stored_config(fs, f"{path}/{CONFIG_FILE}", storage.join(run_dir_of(run), CONFIG_FILE)), run)
+    if changed:
+        raise ValueError(f"{run_dir_of(run)} holds a run with other settings ({'; '.join(changed)}) "
+                         "and checkpoints it would resume; run the same command as before to resume it, "
+                         "or use another --name or --storage")
+
+
 def _write_config(run: TrainRun, resumes: bool) -> None:
     """Write config.json. When the folder holds checkpoints the run would resume
     (`resumes`), first check that the run which wrote them had the same result
@@ -318,13 +337,8 @@ def _write_config(run: TrainRun, resumes: bool) -> None:
     Without checkpoints (a run that failed before its first epoch ended, say
     for a wrong --set), the new settings simply replace the old."""
     fs, path = storage.resolve(run_dir_of(run))
-    if resumes and storage.exists(fs, f"{path}/{CONFIG_FILE}"):
-        shown = storage.join(run_dir_of(run), CONFIG_FILE)
-        changed = changed_settings(_stored_config(fs, f"{path}/{CONFIG_FILE}", shown), run)
-        if changed:
-            raise ValueError(f"{run_dir_of(run)} holds an unfinished run with other settings "
-                             f"({'; '.join(changed)}); run the same command as before to resume it, "
-                             "or use another --name or --storage")
+    if resumes:
+        _check_same_settings(run)
     fs.create_dir(path, recursive=True)
     storage.write_json_atomic(fs, f"{path}/{CONFIG_FILE}", dataclasses.asdict(run))
 

@@ -30,7 +30,14 @@ from skincluster.config import (
     replace_fields,
 )
 from skincluster.data.store import open_store
-from skincluster.train.launch import DATA_CPU_RESERVE, ResourceError, RunFailed, ensure_ray, resolve_run
+from skincluster.train.launch import (
+    DATA_CPU_RESERVE,
+    ResourceError,
+    RunFailed,
+    check_ray_resumable,
+    ensure_ray,
+    resolve_run,
+)
 
 #: CPU held by each trial's own process: it only waits on the Train run and then
 #: evaluates the final model, so a small share is enough.
@@ -162,6 +169,8 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     tune_path = storage.join(spec.experiment_dir, "tune")
     resuming = tune.Tuner.can_restore(tune_path)
     _check_same_trials(fs, path, spec, runs, resuming)
+    for run in runs.values():  # also without Tune's state: the trials' own folders may hold checkpoints
+        check_ray_resumable(run)
     fs.create_dir(path, recursive=True)
     storage.write_json_atomic(
         fs,
