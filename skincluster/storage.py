@@ -110,3 +110,15 @@ def write_json_atomic(fs: pafs.FileSystem, path: str, obj: Any) -> None:
 
 def read_json(fs: pafs.FileSystem, path: str) -> Any:
     return json.loads(read_bytes(fs, path))
+
+
+def read_json_object(fs: pafs.FileSystem, path: str, shown: str, hint: str) -> dict[str, Any]:
+    """A JSON object file; a ValueError naming `shown` (its URI) and ending in
+    `hint` (what to do) when it is not valid JSON or not an object."""
+    try:
+        data = read_json(fs, path)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{shown}: unreadable ({exc}); {hint}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{shown}: expected a JSON object, found {type(data).__name__}; {hint}")
+    return data

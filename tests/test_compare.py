@@ -122,6 +122,14 @@ def test_a_resume_must_keep_what_results_depend_on_and_may_change_the_hardware(s
         check(scaling=Scaling(workers=2))  # the global batch grows with the replicas
     with pytest.raises(ValueError, match=r"other settings \(--scheduler plateau -> asha\)"):
         check(scheduler="asha")
+    with open(os.path.join(path, "experiment.json"), "w") as fh:
+        fh.write('{"runs": [')
+    with pytest.raises(ValueError, match=r"x/experiment.json: unreadable"):
+        check()
+    with open(os.path.join(path, "experiment.json"), "w") as fh:
+        fh.write('{"runs": 3}')
+    with pytest.raises(ValueError, match=r"x/experiment.json: no \"runs\" object"):
+        check()
 
 
 def test_trial_folders_with_checkpoints_of_other_settings_are_refused_before_ray_starts(synthetic_store, tmp_path):

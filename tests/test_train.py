@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,19 @@ def test_a_finished_run_with_other_settings_is_not_reused(local_result):
     assert run_local(more_cpus, verbose=0).reused
 
 
+
+def test_a_damaged_finished_run_is_named(local_result, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(local_result.run_dir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    run = dataclasses.replace(local_result.run, storage=str(tmp_path), name="copy")
+    (copy / "evaluation.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"copy/evaluation.json: expected a JSON object, found list"):
+        run_local(run, verbose=0)
+    (copy / "history.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"copy/history.json: unreadable"):
+        run_local(run, verbose=0)
+
+
 def test_an_unfinished_run_is_resumed_only_with_its_own_settings(synthetic_store, tmp_path):
     """Its checkpoints would otherwise be resumed under a config.json that claims other settings."""
     run = _run(synthetic_store, tmp_path, "unfinished", overrides={"epochs": 3})
@@ -68,6 +82,9 @@ def test_an_unfinished_run_is_resumed_only_with_its_own_settings(synthetic_store
     with pytest.raises(ValueError, match=r"unfinished/config.json: unreadable"):
         run_local(run, verbose=0)
     config.write_text("[]")
+    with pytest.raises(ValueError, match=r"unfinished/config.json: expected a JSON object, found list"):
+        run_local(run, verbose=0)
+    config.write_text('{"model": "nn"}')
     with pytest.raises(ValueError, match=r"unfinished/config.json: not a run's config.json"):
         run_local(run, verbose=0)
     # Without checkpoints (a run that failed before its first epoch ended) a corrected command starts afresh.

@@ -125,7 +125,12 @@ def finished_result(run: TrainRun) -> RunResult | None:
     if changed:
         raise ValueError(f"{run_dir_of(run)} holds a finished run with other settings ({'; '.join(changed)}); "
                          "use another --name or --storage")
-    return RunResult(run, run_dir_of(run), storage.read_json(fs, files[1]), storage.read_json(fs, files[2]), True)
+    try:
+        history = storage.read_json(fs, files[1])
+    except ValueError as exc:
+        raise ValueError(f"{storage.join(run_dir_of(run), HISTORY_FILE)}: unreadable ({exc}); {RUN_FOLDER_HINT}") from exc
+    evaluation = storage.read_json_object(fs, files[2], storage.join(run_dir_of(run), EVALUATION_FILE), RUN_FOLDER_HINT)
+    return RunResult(run, run_dir_of(run), history, evaluation, True)
 
 
 def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
@@ -293,14 +298,14 @@ def check_resources(scaling: Scaling, available: dict[str, float] | None = None)
         raise ResourceError("the cluster cannot fit this run: " + "; ".join(problems))
 
 
+RUN_FOLDER_HINT = "move the run folder away or use another --name"
+
+
 def _stored_config(fs, path: str, shown: str) -> dict[str, Any]:
     """The config.json at `path` in `fs`, named `shown` (its URI) in errors."""
-    try:
-        stored = storage.read_json(fs, path)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{shown}: unreadable ({exc}); move the run folder away or use another --name") from exc
-    if not isinstance(stored, dict) or not isinstance(stored.get("recipe"), dict):
-        raise ValueError(f"{shown}: not a run's config.json; move the run folder away or use another --name")
+    stored = storage.read_json_object(fs, path, shown, RUN_FOLDER_HINT)
+    if not isinstance(stored.get("recipe"), dict):
+        raise ValueError(f"{shown}: not a run's config.json; {RUN_FOLDER_HINT}")
     return stored
 
 
