@@ -112,13 +112,15 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
     return json.loads(read_bytes(fs, path))
 
 
-def read_json_object(fs: pafs.FileSystem, path: str, shown: str, hint: str) -> dict[str, Any]:
-    """A JSON object file; a ValueError naming `shown` (its URI) and ending in
-    `hint` (what to do) when it is not valid JSON or not an object."""
+def read_json_checked(fs: pafs.FileSystem, path: str, shown: str, hint: str, kind: type = dict) -> Any:
+    """A JSON file holding a `kind` (an object by default); a ValueError naming
+    `shown` (its URI) and ending in `hint` (what to do) when it is not valid
+    JSON or holds something else."""
     try:
         data = read_json(fs, path)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{shown}: unreadable ({exc}); {hint}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{shown}: expected a JSON object, found {type(data).__name__}; {hint}")
+    if not isinstance(data, kind):
+        expected = "a JSON object" if kind is dict else f"a JSON {kind.__name__}"
+        raise ValueError(f"{shown}: expected {expected}, found {type(data).__name__}; {hint}")
     return data

@@ -121,16 +121,12 @@ def finished_result(run: TrainRun) -> RunResult | None:
     files = [f"{path}/{n}" for n in (CONFIG_FILE, HISTORY_FILE, EVALUATION_FILE, MODEL_FILE)]
     if not all(storage.exists(fs, f) for f in files):
         return None
-    changed = changed_settings(_stored_config(fs, files[0], storage.join(run_dir_of(run), CONFIG_FILE)), run)
+    changed = changed_settings(_stored_config(run), run)
     if changed:
         raise ValueError(f"{run_dir_of(run)} holds a finished run with other settings ({'; '.join(changed)}); "
                          "use another --name or --storage")
-    try:
-        history = storage.read_json(fs, files[1])
-    except ValueError as exc:
-        raise ValueError(f"{storage.join(run_dir_of(run), HISTORY_FILE)}: unreadable ({exc}); {RUN_FOLDER_HINT}") from exc
-    evaluation = storage.read_json_object(fs, files[2], storage.join(run_dir_of(run), EVALUATION_FILE), RUN_FOLDER_HINT)
-    return RunResult(run, run_dir_of(run), history, evaluation, True)
+    history = _read_run_file(run, HISTORY_FILE, kind=object)  # any JSON, as before
+    return RunResult(run, run_dir_of(run), history, _read_run_file(run, EVALUATION_FILE), True)
 
 
 def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
@@ -301,11 +297,17 @@ def check_resources(scaling: Scaling, available: dict[str, float] | None = None)
 RUN_FOLDER_HINT = "move the run folder away or use another --name"
 
 
-def _stored_config(fs, path: str, shown: str) -> dict[str, Any]:
-    """The config.json at `path` in `fs`, named `shown` (its URI) in errors."""
-    stored = storage.read_json_object(fs, path, shown, RUN_FOLDER_HINT)
+def _read_run_file(run: TrainRun, name: str, kind: type = dict) -> Any:
+    """A JSON file of the run folder, named by its URI when damaged."""
+    fs, path = storage.resolve(run_dir_of(run))
+    return storage.read_json_checked(fs, f"{path}/{name}", storage.join(run_dir_of(run), name), RUN_FOLDER_HINT, kind)
+
+
+def _stored_config(run: TrainRun) -> dict[str, Any]:
+    """The config.json already in the run's folder."""
+    stored = _read_run_file(run, CONFIG_FILE)
     if not isinstance(stored.get("recipe"), dict):
-        raise ValueError(f"{shown}: not a run's config.json; {RUN_FOLDER_HINT}")
+        raise ValueError(f"{storage.join(run_dir_of(run), CONFIG_FILE)}: not a run's config.json; {RUN_FOLDER_HINT}")
     return stored
 
 
@@ -328,7 +330,7 @@ def _check_same_settings(run: TrainRun) -> None:
     fs, path = storage.resolve(run_dir_of(run))
     if not storage.exists(fs, f"{path}/{CONFIG_FILE}"):
         return
-    changed = changed_settings(_stored_config(fs, f"{path}/{CONFIG_FILE}", storage.join(run_dir_of(run), CONFIG_FILE)), run)
+    changed = changed_settings(_stored_config(run), run)
     if changed:
         raise ValueError(f"{run_dir_of(run)} holds a run with other settings ({'; '.join(changed)}) "
                          "and checkpoints it would resume; run the same command as before to resume it, "

@@ -65,7 +65,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
         compile_model(model, run.recipe, num_classes)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     callbacks = build_callbacks(run.recipe)
-    averager = next((c for c in callbacks if isinstance(c, WeightAverage)), None)
+    averager = _callback_of(callbacks, WeightAverage)
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "callbacks": {}, "finished": False, "restarts": 0}
     best_weights = None
@@ -166,7 +166,7 @@ class EpochReporter(keras.callbacks.Callback):
         self._steps = 0
 
     def _early_stopping(self):
-        return next((c for c in self.callbacks if isinstance(c, keras.callbacks.EarlyStopping)), None)
+        return _callback_of(self.callbacks, keras.callbacks.EarlyStopping)
 
     def on_train_begin(self, logs=None):
         # The other callbacks reset themselves in their own on_train_begin,
@@ -238,7 +238,7 @@ class EpochReporter(keras.callbacks.Callback):
             self.checkpoint.write(os.path.join(folder, WEIGHTS_PREFIX))
             if stopper is not None and stopper.best_weights is not None:
                 np.savez(os.path.join(folder, BEST_WEIGHTS), **{f"w{i}": w for i, w in enumerate(stopper.best_weights)})
-            averager = next((c for c in self.callbacks if isinstance(c, WeightAverage)), None)
+            averager = _callback_of(self.callbacks, WeightAverage)
             if averager is not None:
                 weights = averager.training_weights
                 if weights is None:  # no training step yet: the model holds its own weights
@@ -249,6 +249,10 @@ class EpochReporter(keras.callbacks.Callback):
             with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
                 json.dump({**self.state, "run": dataclasses.asdict(self.run)}, fh, indent=1)
             self.ctx.report(metrics, folder if self.ctx.world_rank == 0 else None)
+
+
+def _callback_of(callbacks: list[keras.callbacks.Callback], kind: type) -> Any:
+    return next((c for c in callbacks if isinstance(c, kind)), None)
 
 
 def _read_state(path: str) -> dict[str, Any]:

@@ -221,12 +221,11 @@ def _check_same_trials(fs, path: str, spec: Comparison, runs: dict[str, TrainRun
     nor change what a trial's results depend on (its finished epochs were made with the old settings)."""
     if not resuming or not storage.exists(fs, f"{path}/experiment.json"):
         return
-    experiment = storage.read_json_object(fs, f"{path}/experiment.json", storage.join(spec.experiment_dir, "experiment.json"),
-                                          "move the experiment folder away or use another --name")
+    shown, hint = storage.join(spec.experiment_dir, "experiment.json"), "move the experiment folder away or use another --name"
+    experiment = storage.read_json_checked(fs, f"{path}/experiment.json", shown, hint)
     previous = experiment.get("runs")
     if not isinstance(previous, dict) or not all(isinstance(r, dict) for r in previous.values()):
-        raise ValueError(f"{storage.join(spec.experiment_dir, 'experiment.json')}: no \"runs\" object of trials; "
-                         "move the experiment folder away or use another --name")
+        raise ValueError(f'{shown}: no "runs" object of trials; {hint}')
     before = set(previous)
     if before != set(runs):
         changes = [f"{what}: {', '.join(sorted(names))}"
