@@ -112,6 +112,10 @@ class Recipe:
     #: Train against targets of 1 - label_smoothing + label_smoothing / K for
     #: the true class and label_smoothing / K for each other one (0: one-hot).
     label_smoothing: float = 0.0
+    #: Mixup: train on blends of two images of a batch, lam * a + (1 - lam) * b,
+    #: against the same blend of their one-hot labels, lam ~ Beta(alpha, alpha)
+    #: per image (0: off; 0.2-0.4 is usual). Validation and test see real images.
+    mixup_alpha: float = 0.0
     #: Validate, early-stop on and export an exponential moving average of the
     #: weights, updated after every training step with this decay (None: the
     #: weights themselves). 0.999 averages over about 1,000 steps.
@@ -138,6 +142,8 @@ class Recipe:
                 raise ValueError(f"{name} must be at least 0, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.mixup_alpha < math.inf:
+            raise ValueError(f"mixup_alpha must be at least 0 and finite, got {self.mixup_alpha}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         for name in ("adam_beta_1", "adam_beta_2"):

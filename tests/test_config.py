@@ -30,7 +30,7 @@ def test_bad_overrides_name_the_field(bad):
     ("label_smoothing", "nan"), ("augmentation.zoom", "-5"), ("augmentation.zoom", "1.5"), ("augmentation.shift", "2"),
     ("augmentation.rotation_degrees", "-10"), ("adam_beta_1", "1"), ("adam_beta_2", "-0.1"), ("adam_epsilon", "0"),
     ("min_lr", "nan"), ("focal_gamma", "nan"), ("augmentation.zoom", "nan"), ("ema_decay", "0"), ("ema_decay", "1"),
-    ("ema_decay", "nan"),
+    ("ema_decay", "nan"), ("mixup_alpha", "-0.2"), ("mixup_alpha", "inf"), ("mixup_alpha", "nan"),
 ])
 def test_impossible_values_are_errors_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

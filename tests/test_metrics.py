@@ -17,7 +17,7 @@ import tf_keras as keras
 from sklearn import metrics as skm
 
 from skincluster.config import CLASS_NAMES
-from skincluster.train.metrics import BalancedAccuracy, evaluate_predictions
+from skincluster.train.metrics import BalancedAccuracy, LabelAccuracy, evaluate_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 K = len(CLASS_NAMES)
@@ -81,6 +81,25 @@ def test_reset_and_serialisation():
     restored = keras.metrics.deserialize(keras.metrics.serialize(metric))
     assert isinstance(restored, BalancedAccuracy)
     assert (restored.name, restored.num_classes) == ("balanced_accuracy", K)
+
+
+def test_target_rows_count_as_their_largest_class():
+    """Mixup's training targets: both accuracies read a blend as its dominant label."""
+    labels, probabilities = random_predictions(60, seed=7)
+    rng = np.random.default_rng(7)
+    lam = rng.uniform(0.55, 1.0, size=60)
+    rows = lam[:, None] * np.eye(K)[labels] + (1 - lam[:, None]) * np.eye(K)[rng.integers(0, K, size=60)]
+    expected = sklearn_balanced_accuracy(labels, probabilities)
+    for y_true in (labels, rows.astype(np.float32)):
+        balanced, accuracy = BalancedAccuracy(K), LabelAccuracy(K)
+        balanced.update_state(y_true, probabilities)
+        accuracy.update_state(y_true, probabilities)
+        assert float(balanced.result()) == pytest.approx(expected, abs=1e-6)
+        assert float(accuracy.result()) == pytest.approx(np.mean(probabilities.argmax(axis=1) == labels), abs=1e-6)
+    restored = keras.metrics.deserialize(keras.metrics.serialize(LabelAccuracy(K)))
+    assert isinstance(restored, LabelAccuracy) and restored.name == "accuracy"
+    restored.update_state(rows.astype(np.float32), probabilities)
+    assert float(restored.result()) == pytest.approx(np.mean(probabilities.argmax(axis=1) == labels), abs=1e-6)
 
 
 _MIRRORED_SCRIPT = textwrap.dedent(

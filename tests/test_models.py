@@ -14,7 +14,7 @@ import tensorflow as tf
 import tf_keras as keras
 from sklearn.utils.class_weight import compute_class_weight
 
-from skincluster.config import ENHANCED_AUGMENTATION, NO_AUGMENTATION, STUDY_AUGMENTATION
+from skincluster.config import ENHANCED_AUGMENTATION, IMAGE_SHAPE, NO_AUGMENTATION, STUDY_AUGMENTATION
 from skincluster.models import (
     SparseCategoricalFocalLoss,
     SparseCategoricalSmoothedCrossentropy,
@@ -485,6 +485,46 @@ def test_label_smoothing_is_chosen_by_the_recipe_and_serialises():
     assert isinstance(focal.loss, SparseCategoricalFocalLoss) and focal.loss.label_smoothing == 0.15
     restored = keras.losses.deserialize(keras.losses.serialize(focal.loss))
     assert isinstance(restored, SparseCategoricalFocalLoss) and restored.label_smoothing == 0.15
+
+
+def test_losses_take_mixup_target_rows_as_well_as_labels():
+    """A blended target lam * e_a + (1 - lam) * e_b costs lam * CE(a) + (1 - lam) * CE(b)."""
+    rng = np.random.default_rng(2)
+    probabilities = rng.dirichlet(np.ones(7), size=16).astype(np.float32)
+    a, b = rng.integers(0, 7, size=16), rng.integers(0, 7, size=16)
+    lam = rng.uniform(size=16).astype(np.float32)
+    targets = lam[:, None] * np.eye(7, dtype=np.float32)[a] + (1 - lam[:, None]) * np.eye(7, dtype=np.float32)[b]
+    rows = np.arange(16)
+    expected = np.mean(-lam * np.log(probabilities[rows, a]) - (1 - lam) * np.log(probabilities[rows, b]))
+    crossentropy = SparseCategoricalSmoothedCrossentropy(label_smoothing=0.0)
+    assert float(crossentropy(targets, probabilities)) == pytest.approx(expected, rel=1e-5)
+    focal = SparseCategoricalFocalLoss(gamma=0.0)
+    assert float(focal(targets, probabilities)) == pytest.approx(expected, rel=1e-5)
+    # Integer labels still mean one-hot rows, also in the (batch, 1) column Keras passes.
+    one_hot = np.eye(7, dtype=np.float32)[a]
+    assert float(crossentropy(one_hot, probabilities)) == pytest.approx(float(crossentropy(a[:, None], probabilities)))
+
+
+def test_mixup_is_chosen_by_the_recipe_with_metrics_that_read_target_rows():
+    recipe = dataclasses.replace(get_recipe("nn"), mixup_alpha=0.2)
+    model = compile_model(create_model("nn"), recipe, num_classes=7)
+    assert isinstance(model.loss, SparseCategoricalSmoothedCrossentropy) and model.loss.label_smoothing == 0.0
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(24, *IMAGE_SHAPE), dtype=np.uint8)
+    labels = rng.integers(0, 7, size=24).astype(np.int32)
+    lam = rng.uniform(0.6, 1.0, size=24).astype(np.float32)  # the image's own label dominates
+    targets = lam[:, None] * np.eye(7, dtype=np.float32)[labels] + (1 - lam[:, None]) * np.eye(7, dtype=np.float32)[
+        (labels + 1) % 7]
+    # fit() traces its training step with target rows; the metrics count their largest class.
+    model.fit(tf.data.Dataset.from_tensor_slices((images, targets)).batch(24), epochs=1, verbose=0)
+    after = model.predict(images, verbose=0).argmax(axis=1)
+    logs = model.evaluate(images, labels, verbose=0, return_dict=True)
+    assert logs["accuracy"] == pytest.approx(np.mean(after == labels))
+    on_rows = model.evaluate(images, targets, verbose=0, return_dict=True)
+    assert on_rows["accuracy"] == pytest.approx(logs["accuracy"])
+    assert on_rows["balanced_accuracy"] == pytest.approx(logs["balanced_accuracy"])
+    default = compile_model(create_model("nn"), get_recipe("nn"), num_classes=7)
+    assert isinstance(default.loss, keras.losses.SparseCategoricalCrossentropy)
 
 
 def test_balanced_class_weights_match_sklearn():

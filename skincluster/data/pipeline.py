@@ -118,6 +118,43 @@ def _is_local(store: Store) -> bool:
     return store.fs.type_name == "local"
 
 
+def mixup_batches(
+    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    alpha: float,
+    num_classes: int,
+    rng: np.random.Generator,
+    class_weights: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Mixup (Zhang et al., 2018) on training batches of (images, labels).
+
+    Each image is blended with a random partner from its batch,
+    lam * image + (1 - lam) * partner with lam ~ Beta(alpha, alpha) drawn per
+    image, and its target is the same blend of the two one-hot rows. Yields
+    (images, targets, weights): images stay uint8 (rounded; the error is at
+    most half a grey level, far below the pixel noise), targets are float32
+    (batch, num_classes), and weights blend the two images' class weights the
+    same way (ones without `class_weights`), since fit()'s class_weight would
+    weigh a soft target by its larger class only. `rng` makes the draws
+    repeatable: the worker seeds it per epoch, so a resumed run mixes the
+    same pairs.
+    """
+    if not 0 < alpha < math.inf:
+        raise ValueError(f"mixup alpha must be positive and finite, got {alpha}")
+    per_class = np.ones(num_classes, np.float32) if class_weights is None else np.asarray(class_weights, np.float32)
+    if per_class.shape != (num_classes,):
+        raise ValueError(f"class_weights needs one weight per class ({num_classes}), got shape {per_class.shape}")
+    one_hot = np.eye(num_classes, dtype=np.float32)
+    for images, labels in batches:
+        lam = rng.beta(alpha, alpha, size=len(labels)).astype(np.float32)
+        partner = rng.permutation(len(labels))
+        pixel_lam = lam.reshape((-1,) + (1,) * (images.ndim - 1))
+        mixed = pixel_lam * images + (1 - pixel_lam) * images[partner]
+        targets = lam[:, None] * one_hot[labels] + (1 - lam[:, None]) * one_hot[labels[partner]]
+        weights = lam * per_class[labels] + (1 - lam) * per_class[labels[partner]]
+        yield np.rint(mixed).astype(np.uint8), targets, weights
+
+
+
 #: Fewest images each Ray Train worker shuffles together per epoch (see ray_batches).
 SHUFFLE_WINDOW_IMAGES = 1024
 

@@ -1,9 +1,10 @@
 """Everything a Recipe says about training, turned into Keras objects: precision
 policy, optimizer, loss, metrics, callbacks and class weights.
 
-Labels everywhere are integer class indices, so the loss is the sparse form
-of the study's categorical cross-entropy (the same number, without one-hot
-labels).
+Labels are integer class indices, so the loss is the sparse form of the
+study's categorical cross-entropy (the same number, without one-hot labels).
+The one exception is mixup's training batches, whose targets are blends of
+two one-hot rows; the losses and metrics here take either.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from skincluster.config import Recipe
-from skincluster.train.metrics import BalancedAccuracy
+from skincluster.train.metrics import BalancedAccuracy, LabelAccuracy
 
 #: What EarlyStopping watches; the name BalancedAccuracy logs under in fit().
 EARLY_STOPPING_MONITOR = "val_balanced_accuracy"
@@ -59,7 +60,7 @@ class SparseCategoricalFocalLoss(keras.losses.Loss):
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
         return keras.losses.categorical_focal_crossentropy(
-            _one_hot(y_true, y_pred), y_pred, alpha=1.0, gamma=self.gamma, label_smoothing=self.label_smoothing
+            _targets(y_true, y_pred), y_pred, alpha=1.0, gamma=self.gamma, label_smoothing=self.label_smoothing
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -71,6 +72,7 @@ class SparseCategoricalSmoothedCrossentropy(keras.losses.Loss):
     """Cross-entropy for integer labels against smoothed one-hot targets:
     1 - label_smoothing + label_smoothing / K for the true class and
     label_smoothing / K for the others (Keras' own sparse loss has no smoothing).
+    Target rows (mixup's) are taken as they are, and smoothed the same way.
 
     A regulariser: the loss stops rewarding ever more confident predictions
     once the target is met. 0 is plain sparse categorical cross-entropy.
@@ -88,15 +90,21 @@ class SparseCategoricalSmoothedCrossentropy(keras.losses.Loss):
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
         return keras.losses.categorical_crossentropy(
-            _one_hot(y_true, y_pred), y_pred, label_smoothing=self.label_smoothing
+            _targets(y_true, y_pred), y_pred, label_smoothing=self.label_smoothing
         )
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
-def _one_hot(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    """Integer labels, flat or as the column Keras passes, as one-hot rows like y_pred."""
+def _targets(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Target rows like y_pred: integer labels (flat or as the column Keras passes)
+    one-hot encoded, target rows (mixup's) as they are."""
+    y_true = tf.convert_to_tensor(y_true)
+    classes = y_pred.shape[-1]
+    if classes is not None and classes > 1 and y_true.shape.rank == y_pred.shape.rank \
+            and y_true.shape[-1] == classes:
+        return tf.cast(y_true, y_pred.dtype)
     labels = tf.reshape(tf.cast(y_true, tf.int32), tf.shape(y_pred)[:-1])
     return tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
 
@@ -104,7 +112,8 @@ def _one_hot(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
 def make_loss(recipe: Recipe) -> keras.losses.Loss:
     if recipe.loss == "focal":
         return SparseCategoricalFocalLoss(gamma=recipe.focal_gamma, label_smoothing=recipe.label_smoothing)
-    if recipe.label_smoothing:
+    if recipe.label_smoothing or recipe.mixup_alpha:
+        # Keras' sparse loss cannot take mixup's target rows; this one takes both.
         return SparseCategoricalSmoothedCrossentropy(label_smoothing=recipe.label_smoothing)
     return keras.losses.SparseCategoricalCrossentropy()
 
@@ -128,7 +137,7 @@ def compile_model(model: keras.Model, recipe: Recipe, num_classes: int) -> keras
         optimizer=make_optimizer(recipe),
         loss=make_loss(recipe),
         # Named "accuracy" so fit() logs val_accuracy, which ReduceLROnPlateau watches.
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy"), BalancedAccuracy(num_classes)],
+        metrics=[LabelAccuracy(num_classes), BalancedAccuracy(num_classes)],
     )
     return model
 

@@ -1,6 +1,7 @@
 """Metrics that survive class imbalance: always answering "nv" scores ~67%
 accuracy on HAM10000, so accuracy alone says little.
 
+- LabelAccuracy: accuracy that also reads mixup's soft targets.
 - BalancedAccuracy: a streaming Keras metric, logged by fit() as
   "balanced_accuracy"/"val_balanced_accuracy" and usable for early stopping.
 - evaluate_predictions: the full report on a finished model's predictions,
@@ -21,6 +22,36 @@ from sklearn import metrics as skm
 from skincluster.config import MELANOMA
 
 
+def class_indices(y_true: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """Flat int32 class indices from integer labels ((batch,) or Keras' (batch, 1)
+    column) or from target rows (batch, num_classes), whose largest entry wins.
+
+    Decided on the static shape, which fit() knows: its training step (mixup
+    targets) and its validation step (integer labels) are traced apart.
+    """
+    y_true = tf.convert_to_tensor(y_true)
+    if num_classes > 1 and y_true.shape.rank == 2 and y_true.shape[-1] == num_classes:
+        return tf.argmax(y_true, axis=-1, output_type=tf.int32)
+    return tf.reshape(tf.cast(y_true, tf.int32), [-1])
+
+
+@keras.saving.register_keras_serializable(package="skincluster")
+class LabelAccuracy(keras.metrics.MeanMetricWrapper):
+    """Accuracy against integer labels or, for mixup's target rows, their largest class.
+
+    Keras' SparseCategoricalAccuracy would broadcast a (batch, num_classes)
+    target against the predicted indices and report nonsense.
+    """
+
+    def __init__(self, num_classes: int, name: str = "accuracy", dtype: Any = None):
+        super().__init__(_label_accuracy, name=name, dtype=dtype, num_classes=num_classes)
+
+
+def _label_accuracy(y_true: tf.Tensor, y_pred: tf.Tensor, num_classes: int) -> tf.Tensor:
+    predicted = tf.argmax(tf.reshape(y_pred, [-1, num_classes]), axis=-1, output_type=tf.int32)
+    return tf.cast(tf.equal(class_indices(y_true, num_classes), predicted), tf.float32)
+
+
 @keras.saving.register_keras_serializable(package="skincluster")
 class BalancedAccuracy(keras.metrics.Metric):
     """Mean per-class recall over the classes present in y_true, streamed.
@@ -36,7 +67,8 @@ class BalancedAccuracy(keras.metrics.Metric):
     is unchanged by per-class sample weights, so fit(class_weight=...) does
     not distort it.
 
-    y_true: integer class indices, shape (batch,) or (batch, 1).
+    y_true: integer class indices, shape (batch,) or (batch, 1), or target
+    rows (batch, num_classes) such as mixup's, counted as their largest class.
     y_pred: class probabilities (or logits), shape (batch, num_classes).
     """
 
@@ -51,7 +83,7 @@ class BalancedAccuracy(keras.metrics.Metric):
         )
 
     def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None) -> None:
-        labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
+        labels = class_indices(y_true, self.num_classes)
         predicted = tf.argmax(tf.reshape(y_pred, [-1, self.num_classes]), axis=-1, output_type=tf.int32)
         weights = None if sample_weight is None else tf.reshape(tf.cast(sample_weight, self.dtype), [-1])
         batch = tf.math.confusion_matrix(

@@ -22,6 +22,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from skincluster.config import IMAGE_SHAPE, TrainRun
+from skincluster.data.pipeline import mixup_batches
 from skincluster.models.training import WeightAverage
 from skincluster.train.context import RunContext, scratch_dir
 
@@ -100,18 +101,27 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
     # (EpochReporter.on_epoch_end).
     epoch_box = {"epoch": state["epoch"]}
 
-    def dataset(split: str, train: bool) -> tf.data.Dataset:
-        def generate():
-            seed = run.data.seed * 100_003 + epoch_box["epoch"] if train else None
-            yield from ctx.batches(split, global_batch, shuffle_seed=seed, drop_last=train)
-
-        return tf_dataset(generate)
-
-    reporter = EpochReporter(run, ctx, checkpoint, callbacks, state, best_weights, epoch_box, global_batch)
     weights = None
     if run.recipe.class_weight != "none" and run.train_class_counts:
         counts = np.asarray(run.train_class_counts)
         weights = class_weights(np.repeat(np.arange(num_classes), counts), num_classes, run.recipe.class_weight)
+    mixup = run.recipe.mixup_alpha
+
+    def dataset(split: str, train: bool) -> tf.data.Dataset:
+        def generate():
+            seed = run.data.seed * 100_003 + epoch_box["epoch"] if train else None
+            batches = ctx.batches(split, global_batch, shuffle_seed=seed, drop_last=train)
+            if train and mixup:
+                # Seeded by epoch and worker, apart from the shuffle's stream: a
+                # resumed epoch mixes the same pairs.
+                rng = np.random.default_rng([seed, ctx.world_rank, 1])
+                per_class = None if weights is None else [weights[k] for k in range(num_classes)]
+                batches = mixup_batches(batches, mixup, num_classes, rng, per_class)
+            yield from batches
+
+        return tf_dataset(generate, mixup_classes=num_classes if train and mixup else None)
+
+    reporter = EpochReporter(run, ctx, checkpoint, callbacks, state, best_weights, epoch_box, global_batch)
     epochs = run.recipe.epochs
     model.fit(
         dataset("train", train=True),
@@ -119,25 +129,27 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
         epochs=epochs,
         initial_epoch=state["epoch"],
         callbacks=[*callbacks, reporter],
-        class_weight=weights,
+        # With mixup the class weights are already blended into the batches' sample weights.
+        class_weight=None if mixup else weights,
         verbose=verbose,
     )
     return reporter.state["history"]
 
 
-def tf_dataset(generate) -> tf.data.Dataset:
+def tf_dataset(generate, mixup_classes: int | None = None) -> tf.data.Dataset:
     """uint8 image batches from a generator function, prefetched, not re-sharded.
 
-    `generate` is called afresh for every epoch. Auto-sharding is off because
-    Ray Data already gave each worker its own shard.
+    `generate` is called afresh for every epoch and yields (images, labels),
+    or with `mixup_classes` (images, target rows of that many classes, sample
+    weights) as pipeline.mixup_batches does. Auto-sharding is off because Ray
+    Data already gave each worker its own shard.
     """
-    ds = tf.data.Dataset.from_generator(
-        generate,
-        output_signature=(
-            tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
-            tf.TensorSpec((None,), tf.int32),
-        ),
-    )
+    images = tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8)
+    if mixup_classes:
+        signature = (images, tf.TensorSpec((None, mixup_classes), tf.float32), tf.TensorSpec((None,), tf.float32))
+    else:
+        signature = (images, tf.TensorSpec((None,), tf.int32))
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
