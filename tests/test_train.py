@@ -133,29 +133,32 @@ def test_local_run_resumes_after_being_killed(synthetic_store, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
 
 
+def _resumed_equals_whole(store, tmp_path, name, overrides):
+    """Kill `name` at epoch 3 and rerun it, train the same settings unbroken;
+    check both report the same per-epoch figures and return the unbroken run's history."""
+    reported, resumed = _kill_at_epoch_3_and_rerun(store, tmp_path, f"killed-{name}", overrides)
+    assert reported == list(range(1, overrides["epochs"] + 1))
+    whole = _smoke_run(store, tmp_path, f"whole-{name}", overrides)
+    for key in ("loss", "val_loss", "val_accuracy"):
+        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in whole], rel=1e-6), key
+    return whole
+
+
+def _smoke_run(store, tmp_path, name, overrides):
+    run = resolve_run("nn", store, storage_dir=str(tmp_path), name=name, profile="smoke", overrides=overrides)
+    return run_local(run, verbose=0).history
+
+
 def test_weight_average_resumes_as_if_never_killed(synthetic_store, tmp_path):
     """With Recipe.ema_decay the checkpointed model holds the average; a resumed
     run must train on from the training weights, with the average it had, to
     validate exactly as a run that was never killed (nn has no dropout or
     augmentation, and each epoch's shuffle is seeded, so the two must agree)."""
-    overrides = {"epochs": 4, "ema_decay": 0.9}
-    reported, resumed = _kill_at_epoch_3_and_rerun(synthetic_store, tmp_path, "killed-ema", overrides)
-    assert reported == [1, 2, 3, 4]
-    whole = run_local(
-        resolve_run("nn", synthetic_store, storage_dir=str(tmp_path), name="whole-ema", profile="smoke",
-                    overrides=overrides),
-        verbose=0,
-    )
-    for key in ("loss", "val_loss", "val_accuracy"):
-        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in whole.history], rel=1e-6), key
+    whole = _resumed_equals_whole(synthetic_store, tmp_path, "ema", {"epochs": 4, "ema_decay": 0.9})
     # The average really is what was validated: it differs from the training weights' figures.
-    plain = run_local(
-        resolve_run("nn", synthetic_store, storage_dir=str(tmp_path), name="plain", profile="smoke",
-                    overrides={"epochs": 4}),
-        verbose=0,
-    )
-    assert [h["loss"] for h in plain.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-5)
-    assert [h["val_loss"] for h in plain.history] != pytest.approx([h["val_loss"] for h in whole.history], rel=1e-3)
+    plain = _smoke_run(synthetic_store, tmp_path, "plain", {"epochs": 4})
+    assert [h["loss"] for h in plain] == pytest.approx([h["loss"] for h in whole], rel=1e-5)
+    assert [h["val_loss"] for h in plain] != pytest.approx([h["val_loss"] for h in whole], rel=1e-3)
 
 
 def test_mixup_resumes_as_if_never_killed(synthetic_store, tmp_path):
@@ -164,23 +167,11 @@ def test_mixup_resumes_as_if_never_killed(synthetic_store, tmp_path):
     blended sample weights, not in fit(class_weight=...), which Keras refuses
     beside sample weights."""
     overrides = {"epochs": 4, "mixup_alpha": 0.4, "class_weight": "balanced"}
-    reported, resumed = _kill_at_epoch_3_and_rerun(synthetic_store, tmp_path, "killed-mixup", overrides)
-    assert reported == [1, 2, 3, 4]
-    whole = run_local(
-        resolve_run("nn", synthetic_store, storage_dir=str(tmp_path), name="whole-mixup", profile="smoke",
-                    overrides=overrides),
-        verbose=0,
-    )
-    for key in ("loss", "val_loss", "val_accuracy"):
-        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in whole.history], rel=1e-6), key
+    whole = _resumed_equals_whole(synthetic_store, tmp_path, "mixup", overrides)
     # Training really saw blends: the same run without mixup follows another path.
-    plain = run_local(
-        resolve_run("nn", synthetic_store, storage_dir=str(tmp_path), name="plain-weighted", profile="smoke",
-                    overrides={"epochs": 4, "class_weight": "balanced"}),
-        verbose=0,
-    )
-    assert [h["loss"] for h in plain.history] != pytest.approx([h["loss"] for h in whole.history], rel=1e-3)
-    assert all(math.isfinite(h["val_balanced_accuracy"]) for h in whole.history)
+    plain = _smoke_run(synthetic_store, tmp_path, "plain-weighted", {"epochs": 4, "class_weight": "balanced"})
+    assert [h["loss"] for h in plain] != pytest.approx([h["loss"] for h in whole], rel=1e-3)
+    assert all(math.isfinite(h["val_balanced_accuracy"]) for h in whole)
 
 
 def test_resource_check_leaves_cpu_for_ray_data():
