@@ -487,22 +487,31 @@ def test_label_smoothing_is_chosen_by_the_recipe_and_serialises():
     assert isinstance(restored, SparseCategoricalFocalLoss) and restored.label_smoothing == 0.15
 
 
-def test_losses_take_mixup_target_rows_as_well_as_labels():
-    """A blended target lam * e_a + (1 - lam) * e_b costs lam * CE(a) + (1 - lam) * CE(b)."""
+def test_losses_take_class_weighted_mixup_rows_as_well_as_labels():
+    """Target lam * w_a * e_a + (1 - lam) * w_b * e_b costs lam * w_a * CE(a) + (1 - lam) * w_b * CE(b):
+    each part weighted as fit(class_weight=...) weighs an unblended image, smoothed or not."""
     rng = np.random.default_rng(2)
     probabilities = rng.dirichlet(np.ones(7), size=16).astype(np.float32)
     a, b = rng.integers(0, 7, size=16), rng.integers(0, 7, size=16)
     lam = rng.uniform(size=16).astype(np.float32)
-    targets = lam[:, None] * np.eye(7, dtype=np.float32)[a] + (1 - lam[:, None]) * np.eye(7, dtype=np.float32)[b]
-    rows = np.arange(16)
-    expected = np.mean(-lam * np.log(probabilities[rows, a]) - (1 - lam) * np.log(probabilities[rows, b]))
-    crossentropy = SparseCategoricalSmoothedCrossentropy(label_smoothing=0.0)
-    assert float(crossentropy(targets, probabilities)) == pytest.approx(expected, rel=1e-5)
-    focal = SparseCategoricalFocalLoss(gamma=0.0)
-    assert float(focal(targets, probabilities)) == pytest.approx(expected, rel=1e-5)
-    # Integer labels still mean one-hot rows, also in the (batch, 1) column Keras passes.
-    one_hot = np.eye(7, dtype=np.float32)[a]
-    assert float(crossentropy(one_hot, probabilities)) == pytest.approx(float(crossentropy(a[:, None], probabilities)))
+    w = rng.uniform(0.2, 5.0, size=7).astype(np.float32)
+    eye = np.eye(7, dtype=np.float32)
+    targets = lam[:, None] * w[a, None] * eye[a] + (1 - lam[:, None]) * w[b, None] * eye[b]
+
+    def expected_loss(e: float, gamma: float = 0.0) -> float:
+        def ce(labels):  # the (smoothed, focal) loss of each image against integer labels
+            smoothed = (1 - e) * eye[labels] + e / 7
+            return np.sum(smoothed * -((1 - probabilities) ** gamma) * np.log(probabilities), axis=1)
+        return float(np.mean(lam * w[a] * ce(a) + (1 - lam) * w[b] * ce(b)))
+
+    for e in (0.0, 0.2):
+        crossentropy = SparseCategoricalSmoothedCrossentropy(label_smoothing=e)
+        assert float(crossentropy(targets, probabilities)) == pytest.approx(expected_loss(e), rel=1e-5)
+        focal = SparseCategoricalFocalLoss(gamma=2.0, label_smoothing=e)
+        assert float(focal(targets, probabilities)) == pytest.approx(expected_loss(e, gamma=2.0), rel=1e-5)
+        # A one-hot row is the integer label, also in the (batch, 1) column Keras passes.
+        assert float(crossentropy(eye[a], probabilities)) == pytest.approx(
+            float(crossentropy(a[:, None], probabilities)), rel=1e-6)
 
 
 def test_mixup_is_chosen_by_the_recipe_with_metrics_that_read_target_rows():

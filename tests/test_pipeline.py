@@ -107,7 +107,7 @@ def test_ray_batches_shuffle_windows_deliver_every_row_once(rows, batch_size, bl
     assert np.array_equal(delivered, order(3)) and not np.array_equal(delivered, order(4))
 
 
-def test_mixup_blends_each_image_and_its_target_with_one_partner():
+def test_mixup_blends_each_image_and_its_weighted_target_with_one_partner():
     rng = np.random.default_rng(0)
     labels = np.array([0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4], np.int32)
     images = rng.integers(0, 256, size=(len(labels), 4, 5, 3), dtype=np.uint8)
@@ -116,20 +116,21 @@ def test_mixup_blends_each_image_and_its_target_with_one_partner():
     mixed = list(pipeline.mixup_batches(iter(batches), 1.0, 7, np.random.default_rng(5), class_weights))
     assert len(mixed) == 2
     blended = 0
-    for (source, source_labels), (out, targets, weights) in zip(batches, mixed):
+    for (source, source_labels), (out, targets) in zip(batches, mixed):
         assert out.dtype == np.uint8 and out.shape == source.shape
         assert targets.dtype == np.float32 and targets.shape == (len(source_labels), 7)
-        assert np.allclose(targets.sum(axis=1), 1)
         for i, label in enumerate(source_labels):
             # A batch's labels are distinct here, so the target names the partner.
-            lam = targets[i, label]
+            lam = targets[i, label] / class_weights[label]
             rest = targets[i].copy()
             rest[label] = 0
-            j = int(np.flatnonzero(source_labels == np.argmax(rest))[0]) if rest.max() > 1e-6 else i
             assert np.count_nonzero(rest > 1e-6) <= 1
+            j = int(np.flatnonzero(source_labels == np.argmax(rest))[0]) if rest.max() > 1e-6 else i
             expected = lam * source[i].astype(float) + (1 - lam) * source[j]
             assert np.abs(expected - out[i]).max() <= 0.5 + 1e-3
-            assert weights[i] == pytest.approx(lam * class_weights[label] + (1 - lam) * class_weights[source_labels[j]])
+            # Each image's share of the target carries its own class's weight.
+            if j != i:
+                assert rest[source_labels[j]] == pytest.approx((1 - lam) * class_weights[source_labels[j]], rel=1e-5)
             blended += j != i and 0.05 < lam < 0.95
     # lam ~ Beta(1, 1), uniform, and random partners: most images are real blends.
     assert blended >= 6
@@ -138,12 +139,15 @@ def test_mixup_blends_each_image_and_its_target_with_one_partner():
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(mixed, again))
 
 
-def test_mixup_without_class_weights_weighs_every_image_one_and_checks_its_arguments():
-    batch = (np.zeros((3, 2, 2, 3), np.uint8), np.array([0, 1, 2], np.int32))
-    _, _, weights = next(pipeline.mixup_batches(iter([batch]), 0.2, 3, np.random.default_rng(0)))
-    assert np.array_equal(weights, np.ones(3, np.float32))
+def test_mixup_without_class_weights_blends_rows_summing_to_one_and_checks_its_arguments():
+    rng = np.random.default_rng(1)
+    batch = (rng.integers(0, 256, size=(8, 2, 2, 3), dtype=np.uint8), rng.integers(0, 3, size=8).astype(np.int32))
+    _, targets = next(pipeline.mixup_batches(iter([batch]), 0.2, 3, np.random.default_rng(0)))
+    assert np.allclose(targets.sum(axis=1), 1)
     for alpha in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="alpha"):
             next(pipeline.mixup_batches(iter([batch]), alpha, 3, np.random.default_rng(0)))
     with pytest.raises(ValueError, match="one weight per class"):
         next(pipeline.mixup_batches(iter([batch]), 0.2, 3, np.random.default_rng(0), np.ones(2)))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        next(pipeline.mixup_batches(iter([batch]), 0.2, 1, np.random.default_rng(0)))

@@ -124,35 +124,38 @@ def mixup_batches(
     num_classes: int,
     rng: np.random.Generator,
     class_weights: np.ndarray | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Mixup (Zhang et al., 2018) on training batches of (images, labels).
 
     Each image is blended with a random partner from its batch,
     lam * image + (1 - lam) * partner with lam ~ Beta(alpha, alpha) drawn per
-    image, and its target is the same blend of the two one-hot rows. Yields
-    (images, targets, weights): images stay uint8 (rounded; the error is at
-    most half a grey level, far below the pixel noise), targets are float32
-    (batch, num_classes), and weights blend the two images' class weights the
-    same way (ones without `class_weights`), since fit()'s class_weight would
-    weigh a soft target by its larger class only. `rng` makes the draws
-    repeatable: the worker seeds it per epoch, so a resumed run mixes the
-    same pairs.
+    image, and its target row is the same blend of the two one-hot rows.
+    Yields (images, targets): images stay uint8 (rounded; the error is at most
+    half a grey level, far below the pixel noise), targets are float32
+    (batch, num_classes). With `class_weights` each one-hot row is scaled by
+    its class's weight before blending, so the loss is
+    lam * w_a * CE(a) + (1 - lam) * w_b * CE(b): each image's part carries its
+    own class's weight, as fit(class_weight=...) gives an unblended image
+    (one weight per blended image would let a rare class's weight spill onto
+    the common image's part). Such rows sum to lam * w_a + (1 - lam) * w_b,
+    not 1. `rng` makes the draws repeatable: the worker seeds it per epoch and
+    worker, so a resumed run blends the same pairs.
     """
     if not 0 < alpha < math.inf:
         raise ValueError(f"mixup alpha must be positive and finite, got {alpha}")
+    if num_classes < 2:
+        raise ValueError(f"mixup needs at least 2 classes, got {num_classes}")
     per_class = np.ones(num_classes, np.float32) if class_weights is None else np.asarray(class_weights, np.float32)
     if per_class.shape != (num_classes,):
         raise ValueError(f"class_weights needs one weight per class ({num_classes}), got shape {per_class.shape}")
-    one_hot = np.eye(num_classes, dtype=np.float32)
+    weighted_rows = np.diag(per_class)
     for images, labels in batches:
         lam = rng.beta(alpha, alpha, size=len(labels)).astype(np.float32)
         partner = rng.permutation(len(labels))
         pixel_lam = lam.reshape((-1,) + (1,) * (images.ndim - 1))
         mixed = pixel_lam * images + (1 - pixel_lam) * images[partner]
-        targets = lam[:, None] * one_hot[labels] + (1 - lam[:, None]) * one_hot[labels[partner]]
-        weights = lam * per_class[labels] + (1 - lam) * per_class[labels[partner]]
-        yield np.rint(mixed).astype(np.uint8), targets, weights
-
+        targets = lam[:, None] * weighted_rows[labels] + (1 - lam[:, None]) * weighted_rows[labels[partner]]
+        yield np.rint(mixed).astype(np.uint8), targets
 
 
 #: Fewest images each Ray Train worker shuffles together per epoch (see ray_batches).

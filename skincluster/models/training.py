@@ -4,7 +4,7 @@ policy, optimizer, loss, metrics, callbacks and class weights.
 Labels are integer class indices, so the loss is the sparse form of the
 study's categorical cross-entropy (the same number, without one-hot labels).
 The one exception is mixup's training batches, whose targets are blends of
-two one-hot rows; the losses and metrics here take either.
+two (class-weighted) one-hot rows; the losses and metrics here take either.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class SparseCategoricalFocalLoss(keras.losses.Loss):
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
         return keras.losses.categorical_focal_crossentropy(
-            _targets(y_true, y_pred), y_pred, alpha=1.0, gamma=self.gamma, label_smoothing=self.label_smoothing
+            _targets(y_true, y_pred, self.label_smoothing), y_pred, alpha=1.0, gamma=self.gamma
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -72,7 +72,7 @@ class SparseCategoricalSmoothedCrossentropy(keras.losses.Loss):
     """Cross-entropy for integer labels against smoothed one-hot targets:
     1 - label_smoothing + label_smoothing / K for the true class and
     label_smoothing / K for the others (Keras' own sparse loss has no smoothing).
-    Target rows (mixup's) are taken as they are, and smoothed the same way.
+    Target rows (mixup's, see _targets) are taken as they are, and smoothed the same way.
 
     A regulariser: the loss stops rewarding ever more confident predictions
     once the target is met. 0 is plain sparse categorical cross-entropy.
@@ -89,24 +89,34 @@ class SparseCategoricalSmoothedCrossentropy(keras.losses.Loss):
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
-        return keras.losses.categorical_crossentropy(
-            _targets(y_true, y_pred), y_pred, label_smoothing=self.label_smoothing
-        )
+        return keras.losses.categorical_crossentropy(_targets(y_true, y_pred, self.label_smoothing), y_pred)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
-def _targets(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-    """Target rows like y_pred: integer labels (flat or as the column Keras passes)
-    one-hot encoded, target rows (mixup's) as they are."""
+def _targets(y_true: tf.Tensor, y_pred: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
+    """Smoothed target rows like y_pred from integer labels (flat or as the column
+    Keras passes), one-hot encoded, or from target rows as they are.
+
+    Mixup's rows carry class weights and need not sum to 1
+    (pipeline.mixup_batches), so smoothing moves label_smoothing of each row's
+    own mass, y * (1 - e) + e / K * sum(y): for one-hot rows this is Keras'
+    y * (1 - e) + e / K, and a weighted row is smoothed like fit(class_weight=...)
+    weighs a smoothed one-hot row.
+    """
     y_true = tf.convert_to_tensor(y_true)
     classes = y_pred.shape[-1]
     if classes is not None and classes > 1 and y_true.shape.rank == y_pred.shape.rank \
             and y_true.shape[-1] == classes:
-        return tf.cast(y_true, y_pred.dtype)
-    labels = tf.reshape(tf.cast(y_true, tf.int32), tf.shape(y_pred)[:-1])
-    return tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+        rows = tf.cast(y_true, y_pred.dtype)
+    else:
+        labels = tf.reshape(tf.cast(y_true, tf.int32), tf.shape(y_pred)[:-1])
+        rows = tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
+    if not label_smoothing:
+        return rows
+    mass = tf.reduce_sum(rows, axis=-1, keepdims=True)
+    return rows * (1 - label_smoothing) + label_smoothing / tf.cast(tf.shape(rows)[-1], rows.dtype) * mass
 
 
 def make_loss(recipe: Recipe) -> keras.losses.Loss:

@@ -24,7 +24,8 @@ from skincluster.config import MELANOMA
 
 def class_indices(y_true: tf.Tensor, num_classes: int) -> tf.Tensor:
     """Flat int32 class indices from integer labels ((batch,) or Keras' (batch, 1)
-    column) or from target rows (batch, num_classes), whose largest entry wins.
+    column) or from target rows (batch, num_classes), whose largest entry wins
+    (for mixup's class-weighted rows: the class that weighs most in the blend).
 
     Decided on the static shape, which fit() knows: its training step (mixup
     targets) and its validation step (integer labels) are traced apart.
@@ -37,7 +38,8 @@ def class_indices(y_true: tf.Tensor, num_classes: int) -> tf.Tensor:
 
 @keras.saving.register_keras_serializable(package="skincluster")
 class LabelAccuracy(keras.metrics.MeanMetricWrapper):
-    """Accuracy against integer labels or, for mixup's target rows, their largest class.
+    """Accuracy against integer labels or, for mixup's target rows, their largest
+    entry (class_indices). Training accuracy on blends is a rough guide only.
 
     Keras' SparseCategoricalAccuracy would broadcast a (batch, num_classes)
     target against the predicted indices and report nonsense.
@@ -68,7 +70,7 @@ class BalancedAccuracy(keras.metrics.Metric):
     not distort it.
 
     y_true: integer class indices, shape (batch,) or (batch, 1), or target
-    rows (batch, num_classes) such as mixup's, counted as their largest class.
+    rows (batch, num_classes) such as mixup's, counted as their largest entry.
     y_pred: class probabilities (or logits), shape (batch, num_classes).
     """
 

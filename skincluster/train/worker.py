@@ -119,7 +119,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
                 batches = mixup_batches(batches, mixup, num_classes, rng, per_class)
             yield from batches
 
-        return tf_dataset(generate, mixup_classes=num_classes if train and mixup else None)
+        return tf_dataset(generate, target_rows=num_classes if train and mixup else None)
 
     reporter = EpochReporter(run, ctx, checkpoint, callbacks, state, best_weights, epoch_box, global_batch)
     epochs = run.recipe.epochs
@@ -129,26 +129,24 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
         epochs=epochs,
         initial_epoch=state["epoch"],
         callbacks=[*callbacks, reporter],
-        # With mixup the class weights are already blended into the batches' sample weights.
+        # With mixup the class weights are already in the target rows; Keras would
+        # multiply the loss by them a second time, not refuse both.
         class_weight=None if mixup else weights,
         verbose=verbose,
     )
     return reporter.state["history"]
 
 
-def tf_dataset(generate, mixup_classes: int | None = None) -> tf.data.Dataset:
+def tf_dataset(generate, target_rows: int | None = None) -> tf.data.Dataset:
     """uint8 image batches from a generator function, prefetched, not re-sharded.
 
     `generate` is called afresh for every epoch and yields (images, labels),
-    or with `mixup_classes` (images, target rows of that many classes, sample
-    weights) as pipeline.mixup_batches does. Auto-sharding is off because Ray
-    Data already gave each worker its own shard.
+    or with `target_rows` (images, float target rows of that many classes) as
+    pipeline.mixup_batches does. Auto-sharding is off because Ray Data
+    already gave each worker its own shard.
     """
-    images = tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8)
-    if mixup_classes:
-        signature = (images, tf.TensorSpec((None, mixup_classes), tf.float32), tf.TensorSpec((None,), tf.float32))
-    else:
-        signature = (images, tf.TensorSpec((None,), tf.int32))
+    targets = tf.TensorSpec((None, target_rows), tf.float32) if target_rows else tf.TensorSpec((None,), tf.int32)
+    signature = (tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8), targets)
     ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
