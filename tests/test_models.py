@@ -514,6 +514,31 @@ def test_losses_take_class_weighted_mixup_rows_as_well_as_labels():
             float(crossentropy(a[:, None], probabilities)), rel=1e-6)
 
 
+@pytest.mark.parametrize("loss_class", [SparseCategoricalSmoothedCrossentropy, SparseCategoricalFocalLoss])
+def test_weighted_mixup_rows_give_the_gradient_of_the_weighted_parts(loss_class):
+    """Behind a softmax layer Keras takes cross-entropy from the logits with
+    softmax_cross_entropy_with_logits, whose gradient is only right for rows
+    that sum to 1: class-weighted rows must train like the sum of their parts."""
+    rng = np.random.default_rng(4)
+    inputs = keras.Input((5,))
+    outputs = keras.layers.Activation("softmax")(keras.layers.Dense(7)(inputs))
+    model = keras.Model(inputs, outputs)
+    x = rng.normal(size=(16, 5)).astype(np.float32)
+    a, b = rng.integers(0, 7, size=16), rng.integers(0, 7, size=16)
+    lam = rng.uniform(size=16).astype(np.float32)
+    w = rng.uniform(0.2, 5.0, size=7).astype(np.float32)
+    eye = np.eye(7, dtype=np.float32)
+    rows = lam[:, None] * w[a, None] * eye[a] + (1 - lam[:, None]) * w[b, None] * eye[b]
+    loss = loss_class(label_smoothing=0.1)
+    per_image = loss_class(label_smoothing=0.1, reduction="none")
+    with tf.GradientTape(persistent=True) as tape:
+        probabilities = model(x)
+        blended = loss(rows, probabilities)
+        parts = tf.reduce_mean(lam * w[a] * per_image(a, probabilities) + (1 - lam) * w[b] * per_image(b, probabilities))
+    assert float(blended) == pytest.approx(float(parts), rel=1e-5)
+    for got, want in zip(tape.gradient(blended, model.trainable_weights), tape.gradient(parts, model.trainable_weights)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
+
 def test_mixup_is_chosen_by_the_recipe_with_metrics_that_read_target_rows():
     recipe = dataclasses.replace(get_recipe("nn"), mixup_alpha=0.2)
     model = compile_model(create_model("nn"), recipe, num_classes=7)

@@ -59,9 +59,11 @@ class SparseCategoricalFocalLoss(keras.losses.Loss):
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
-        return keras.losses.categorical_focal_crossentropy(
-            _targets(y_true, y_pred, self.label_smoothing), y_pred, alpha=1.0, gamma=self.gamma
+        targets, mass = _targets(y_true, y_pred)
+        loss = keras.losses.categorical_focal_crossentropy(
+            targets, y_pred, alpha=1.0, gamma=self.gamma, label_smoothing=self.label_smoothing
         )
+        return _times_mass(loss, mass)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "gamma": self.gamma, "label_smoothing": self.label_smoothing}
@@ -89,34 +91,40 @@ class SparseCategoricalSmoothedCrossentropy(keras.losses.Loss):
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
-        return keras.losses.categorical_crossentropy(_targets(y_true, y_pred, self.label_smoothing), y_pred)
+        targets, mass = _targets(y_true, y_pred)
+        loss = keras.losses.categorical_crossentropy(targets, y_pred, label_smoothing=self.label_smoothing)
+        return _times_mass(loss, mass)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
-def _targets(y_true: tf.Tensor, y_pred: tf.Tensor, label_smoothing: float = 0.0) -> tf.Tensor:
-    """Smoothed target rows like y_pred from integer labels (flat or as the column
-    Keras passes), one-hot encoded, or from target rows as they are.
+def _targets(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """(target rows like y_pred that sum to 1, each row's mass or None).
 
-    Mixup's rows carry class weights and need not sum to 1
-    (pipeline.mixup_batches), so smoothing moves label_smoothing of each row's
-    own mass, y * (1 - e) + e / K * sum(y): for one-hot rows this is Keras'
-    y * (1 - e) + e / K, and a weighted row is smoothed like fit(class_weight=...)
-    weighs a smoothed one-hot row.
+    Integer labels (flat or as the column Keras passes) become one-hot rows
+    (mass None: 1). Target rows are mixup's, which carry class weights and
+    need not sum to 1 (pipeline.mixup_batches): they are divided by their
+    mass, and the loss against them is multiplied back by it. Passing them
+    unnormalised would give the right loss value but the wrong gradient:
+    Keras computes cross-entropy after a softmax layer from its logits with
+    tf.nn.softmax_cross_entropy_with_logits, whose gradient softmax - labels
+    assumes rows that sum to 1. Smoothing then applies to the normalised row,
+    which is how fit(class_weight=...) weighs a smoothed one-hot row.
     """
     y_true = tf.convert_to_tensor(y_true)
     classes = y_pred.shape[-1]
     if classes is not None and classes > 1 and y_true.shape.rank == y_pred.shape.rank \
             and y_true.shape[-1] == classes:
         rows = tf.cast(y_true, y_pred.dtype)
-    else:
-        labels = tf.reshape(tf.cast(y_true, tf.int32), tf.shape(y_pred)[:-1])
-        rows = tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype)
-    if not label_smoothing:
-        return rows
-    mass = tf.reduce_sum(rows, axis=-1, keepdims=True)
-    return rows * (1 - label_smoothing) + label_smoothing / tf.cast(tf.shape(rows)[-1], rows.dtype) * mass
+        mass = tf.reduce_sum(rows, axis=-1)
+        return tf.math.divide_no_nan(rows, mass[..., None]), mass
+    labels = tf.reshape(tf.cast(y_true, tf.int32), tf.shape(y_pred)[:-1])
+    return tf.one_hot(labels, depth=tf.shape(y_pred)[-1], dtype=y_pred.dtype), None
+
+
+def _times_mass(loss: tf.Tensor, mass: tf.Tensor | None) -> tf.Tensor:
+    return loss if mass is None else loss * tf.cast(mass, loss.dtype)
 
 
 def make_loss(recipe: Recipe) -> keras.losses.Loss:
