@@ -18,7 +18,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from skincluster.config import Recipe
-from skincluster.train.metrics import BalancedAccuracy, LabelAccuracy
+from skincluster.train.metrics import BalancedAccuracy, LabelAccuracy, is_target_rows
 
 #: What EarlyStopping watches; the name BalancedAccuracy logs under in fit().
 EARLY_STOPPING_MONITOR = "val_balanced_accuracy"
@@ -113,9 +113,7 @@ def _targets(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor
     which is how fit(class_weight=...) weighs a smoothed one-hot row.
     """
     y_true = tf.convert_to_tensor(y_true)
-    classes = y_pred.shape[-1]
-    if classes is not None and classes > 1 and y_true.shape.rank == y_pred.shape.rank \
-            and y_true.shape[-1] == classes:
+    if is_target_rows(y_true, y_pred.shape[-1]):
         rows = tf.cast(y_true, y_pred.dtype)
         mass = tf.reduce_sum(rows, axis=-1)
         return tf.math.divide_no_nan(rows, mass[..., None]), mass

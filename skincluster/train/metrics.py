@@ -31,9 +31,21 @@ def class_indices(y_true: tf.Tensor, num_classes: int) -> tf.Tensor:
     targets) and its validation step (integer labels) are traced apart.
     """
     y_true = tf.convert_to_tensor(y_true)
-    if num_classes > 1 and y_true.shape.rank == 2 and y_true.shape[-1] == num_classes:
+    if is_target_rows(y_true, num_classes):
         return tf.argmax(y_true, axis=-1, output_type=tf.int32)
     return tf.reshape(tf.cast(y_true, tf.int32), [-1])
+
+
+def is_target_rows(y_true: tf.Tensor, num_classes: int | None) -> bool:
+    """Whether `y_true` holds (batch, num_classes) target rows rather than integer
+    labels, by its static shape; the one rule for the losses and the metrics."""
+    return num_classes is not None and num_classes > 1 and y_true.shape.rank == 2 \
+        and y_true.shape[-1] == num_classes
+
+
+def predicted_classes(y_pred: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """Flat int32 index of each row's most probable class."""
+    return tf.argmax(tf.reshape(y_pred, [-1, num_classes]), axis=-1, output_type=tf.int32)
 
 
 @keras.saving.register_keras_serializable(package="skincluster")
@@ -50,8 +62,7 @@ class LabelAccuracy(keras.metrics.MeanMetricWrapper):
 
 
 def _label_accuracy(y_true: tf.Tensor, y_pred: tf.Tensor, num_classes: int) -> tf.Tensor:
-    predicted = tf.argmax(tf.reshape(y_pred, [-1, num_classes]), axis=-1, output_type=tf.int32)
-    return tf.cast(tf.equal(class_indices(y_true, num_classes), predicted), tf.float32)
+    return tf.cast(tf.equal(class_indices(y_true, num_classes), predicted_classes(y_pred, num_classes)), tf.float32)
 
 
 @keras.saving.register_keras_serializable(package="skincluster")
@@ -86,7 +97,7 @@ class BalancedAccuracy(keras.metrics.Metric):
 
     def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None) -> None:
         labels = class_indices(y_true, self.num_classes)
-        predicted = tf.argmax(tf.reshape(y_pred, [-1, self.num_classes]), axis=-1, output_type=tf.int32)
+        predicted = predicted_classes(y_pred, self.num_classes)
         weights = None if sample_weight is None else tf.reshape(tf.cast(sample_weight, self.dtype), [-1])
         batch = tf.math.confusion_matrix(
             labels, predicted, num_classes=self.num_classes, weights=weights, dtype=self.dtype

@@ -106,6 +106,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
         counts = np.asarray(run.train_class_counts)
         weights = class_weights(np.repeat(np.arange(num_classes), counts), num_classes, run.recipe.class_weight)
     mixup = run.recipe.mixup_alpha
+    mixup_weights = None if weights is None else [weights[k] for k in range(num_classes)]
 
     def dataset(split: str, train: bool) -> tf.data.Dataset:
         def generate():
@@ -115,8 +116,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
                 # Seeded by epoch and worker, apart from the shuffle's stream: a
                 # resumed epoch mixes the same pairs.
                 rng = np.random.default_rng([seed, ctx.world_rank, 1])
-                per_class = None if weights is None else [weights[k] for k in range(num_classes)]
-                batches = mixup_batches(batches, mixup, num_classes, rng, per_class)
+                batches = mixup_batches(batches, mixup, num_classes, rng, mixup_weights)
             yield from batches
 
         return tf_dataset(generate, target_rows=num_classes if train and mixup else None)
