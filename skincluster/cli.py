@@ -7,6 +7,7 @@ Heavy imports (TensorFlow, Ray) happen inside the command that needs them, so
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from skincluster.config import PROFILES
@@ -42,8 +43,19 @@ def _run_ingest(args) -> int:
     options = IngestOptions(
         split=args.split, clean=args.clean, seed=args.seed, fractions=fractions, strict=args.strict, workers=args.workers
     )
-    ingest(args.source, args.dest, options)
+    # A scheduler or `kill` stops a long ingest with SIGTERM, whose default
+    # action skips every cleanup; take it like Ctrl-C, which removes the
+    # scratch pixels file (hundreds of MB) and leaves the previous store whole.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        ingest(args.source, args.dest, options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _add_demo_data(sub) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,25 @@ def test_decode_keeps_colour():
 def test_decode_rejects_bad_bytes(data):
     with pytest.raises(ImageDecodeError):
         decode_image(data)
+
+
+def test_decode_scales_16_bit_grayscale_instead_of_clipping_it():
+    from PIL import Image
+
+    gray = np.linspace(7, 243, 100 * 125).reshape(100, 125).round().astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(gray * 257).save(buf, "PNG")  # 16-bit PNG: Pillow opens it as "I;16"
+    pixels = decode_image(buf.getvalue())
+    np.testing.assert_array_equal(pixels[..., 0], gray)
+    np.testing.assert_array_equal(pixels[..., 2], gray)
+
+
+def test_decode_says_an_image_is_too_large_rather_than_corrupt(monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600 * 450 // 2 - 1)  # warns above this, fails at twice it
+    with pytest.raises(ImageDecodeError, match="image too large to decode safely"):
+        decode_image(jpeg_bytes((9, 9, 9), size=(600, 450)))
 
 
 # --------------------------------------------------------------------------- end to end
@@ -388,6 +409,139 @@ def test_source_without_metadata_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no HAM10000_metadata"):
         _ingest(tmp_path / "empty", tmp_path / "s")
+
+
+# --------------------------------------------------------------------------- source variants
+
+
+def _ids_and_lines(result):
+    return {q["image_id"]: (q["row"], q["reason"]) for q in result.quarantine}
+
+
+def test_trailing_separators_blank_lines_and_quoted_newlines_keep_editor_line_numbers(tmp_path):
+    rows = make_rows()
+    images = default_images(rows)
+    rows[4]["dx"] = "melanoma?"
+    lines = csv_text(rows).splitlines()
+    # Every data line ends with a comma (a spreadsheet's export), two blank
+    # lines follow data line 3, and row 2's localization spans two lines.
+    lines = [lines[0]] + [line + "," for line in lines[1:]]
+    lines[2] = lines[2].replace(rows[1]["localization"], '"lower\nback"')
+    lines[3:3] = ["", "   "]
+    src = write_kaggle(tmp_path / "src", rows, images)
+    (src / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
+    result = _ingest(src, tmp_path / "s")
+    assert result.manifest["rows"]["in"] == len(rows)
+    # header, rows 0-1 (row 1 on two lines), two blank lines, rows 2-3: row 4 starts on line 9
+    assert _ids_and_lines(result) == {rows[4]["image_id"]: (9, "unknown dx 'melanoma?' (expected one of "
+                                                             + ", ".join(CLASS_NAMES) + ")")}
+    assert "\n".join(lines).splitlines()[8].startswith(rows[4]["lesion_id"])
+    written = _all_rows(open_store(str(tmp_path / "s")))
+    localization = {r.image_id: r.localization for df in written.values() for r in df.itertuples()}
+    assert localization[rows[1]["image_id"]] == "lower\nback"
+
+
+def test_a_field_too_many_that_is_not_empty_names_the_line(tmp_path):
+    rows = make_rows()
+    src = write_kaggle(tmp_path / "src", rows)
+    lines = (src / "HAM10000_metadata.csv").read_text().splitlines()
+    lines[3] += ",left"  # what an unquoted comma inside the last field leaves
+    (src / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError, match=r"HAM10000_metadata.csv: line 4 has 8 fields, the header has 7"):
+        _ingest(src, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_unclosed_quote_names_the_line_it_opens_on(tmp_path):
+    rows = make_rows()
+    src = write_kaggle(tmp_path / "src", rows)
+    lines = (src / "HAM10000_metadata.csv").read_text().splitlines()
+    lines[5] = lines[5].replace(",histo,", ',"histo,')
+    (src / "HAM10000_metadata.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceError, match=r"HAM10000_metadata.csv: cannot parse as CSV in the row starting on line 6 "
+                                          r"\(unexpected end of data\)"):
+        _ingest(src, tmp_path / "s")
+
+
+def test_semicolon_separated_metadata_ingests(tmp_path):
+    rows = make_rows()
+    src = write_kaggle(tmp_path / "src", rows)
+    (src / "HAM10000_metadata.csv").write_text(csv_text(rows, sep=";"))
+    assert _ingest(src, tmp_path / "s").manifest["rows"]["written"] == len(rows)
+
+
+def test_header_names_repeated_up_to_case_are_an_error(tmp_path):
+    rows = make_rows()
+    src = write_kaggle(tmp_path / "src", rows)
+    text = (src / "HAM10000_metadata.csv").read_text().splitlines()
+    text = [text[0] + ",Age"] + [line + ",61" for line in text[1:]]
+    (src / "HAM10000_metadata.csv").write_text("\n".join(text) + "\n")
+    with pytest.raises(SourceError, match=r"HAM10000_metadata.csv: column\(s\) age appear more than once"):
+        _ingest(src, tmp_path / "s")
+
+
+def test_checksums_and_descriptions_beside_the_metadata_are_not_metadata(tmp_path):
+    rows = make_rows()
+    src = write_kaggle(tmp_path / "src", rows)
+    (src / "HAM10000_metadata.csv.md5").write_text("4326e23c  HAM10000_metadata.csv\n")
+    (src / "HAM10000_metadata_description.pdf").write_bytes(b"%PDF-1.4 \xff\xfe")
+    result = _ingest(src, tmp_path / "s")
+    assert result.manifest["rows"]["written"] == len(rows)
+    assert result.manifest["source_checksums"]["metadata"]["path"] == "HAM10000_metadata.csv"
+
+
+def test_a_usable_row_is_kept_when_an_earlier_row_of_its_image_id_is_quarantined(tmp_path):
+    rows = make_rows()
+    images = default_images(rows)
+    rows.insert(5, dict(rows[5], dx="unknown-thing"))  # line 7 is bad, line 8 repeats its image_id and is fine
+    result = _ingest(write_kaggle(tmp_path / "src", rows, images), tmp_path / "s")
+    assert [(q["row"], q["reason"][:10]) for q in result.quarantine] == [(7, "unknown dx")]
+    assert result.manifest["rows"]["written"] == len(rows) - 1
+
+
+def test_copies_of_an_image_are_ignored_but_a_different_file_under_its_name_is_an_error(tmp_path):
+    rows = make_rows()
+    src = write_kaggle(tmp_path / "src", rows)
+    # Kaggle's download holds every image twice, byte for byte.
+    shutil.copytree(src / "HAM10000_images_part_1", src / "ham10000_images_part_1")
+    result = _ingest(src, tmp_path / "s")
+    assert result.manifest["rows"]["written"] == len(rows)
+    assert len(result.manifest["duplicate_files"]) == len(list((src / "ham10000_images_part_1").iterdir()))
+    # A mask under the same name sorts before the real image: it must not replace it.
+    masks = src / "HAM10000_images_part_1" / "masks"
+    masks.mkdir()
+    (masks / f"{rows[1]['image_id']}.png").write_bytes(jpeg_bytes((0, 0, 0), fmt="PNG"))
+    with pytest.raises(SourceError, match=rf"1 image file\(s\) share an image_id with a different file, e.g. "
+                                          rf".*{rows[1]['image_id']}"):
+        _ingest(src, tmp_path / "s2")
+    assert not (tmp_path / "s2").exists()
+
+
+def test_images_in_zips_inside_a_zip_get_a_clear_error(tmp_path):
+    rows = make_rows()
+    dataverse = write_dataverse(tmp_path / "dv", rows)
+    outer = tmp_path / "dataverse_files.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        for path in dataverse.iterdir():
+            zf.write(path, path.name)
+    with pytest.raises(SourceError, match=r"the images are in zip files inside a zip .*HAM10000_images_part1.zip"):
+        _ingest(outer, tmp_path / "s")
+
+
+def test_sigterm_during_ingest_is_an_interrupt_that_cleans_up(good_source, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import skincluster.data.ingest as ingest_mod
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the ingest")
+
+    monkeypatch.setattr(ingest_mod, "ingest", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli_main(["ingest", str(good_source), str(tmp_path / "s")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # --------------------------------------------------------------------------- atomicity

@@ -10,7 +10,9 @@ Two layouts are recognised, on a local disk or any pyarrow filesystem:
 
 Rather than hard-coding folder names, the source is walked: every image file
 (``.jpg``, ``.jpeg``, ``.png``), also inside any ``.zip``, is indexed by its
-file stem, which is the ``image_id`` of its metadata row.
+file stem, which is the ``image_id`` of its metadata row. Copies of one image
+(Kaggle's download holds two identical sets) are ignored; two different files
+for one image_id are an error, since either could be the wrong one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from skincluster.config import CLASS_NAMES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 METADATA_PREFIX = "HAM10000_metadata"
+#: What a metadata table can be called after the prefix: not the checksum,
+#: spreadsheet or description files that download pages put beside it.
+METADATA_EXTENSIONS = ("", ".csv", ".tab", ".tsv", ".txt")
 REQUIRED_COLUMNS = ("lesion_id", "image_id", "dx")
 #: Present in the real file; a CSV without them still ingests, with nulls.
 OPTIONAL_COLUMNS = ("dx_type", "age", "sex", "localization")
@@ -59,7 +64,7 @@ class SourceListing:
     images: dict[str, ImageLocation]
     #: Containers (folders or zips) holding images, for the manifest's checksums.
     containers: list[str]
-    #: Files sharing an image_id with an earlier file: kept out, reported.
+    #: Copies (same size) of an image file already indexed: kept out, reported.
     duplicate_files: list[str] = field(default_factory=list)
 
 
@@ -71,6 +76,11 @@ def _is_junk(name: str) -> bool:
 
 def _image_id(name: str) -> str:
     return posixpath.splitext(posixpath.basename(name))[0]
+
+
+def _is_metadata(name: str) -> bool:
+    stem, extension = posixpath.splitext(posixpath.basename(name).lower())
+    return stem.startswith(METADATA_PREFIX.lower()) and extension in METADATA_EXTENSIONS
 
 
 def discover(fs: pafs.FileSystem, root: str) -> SourceListing:
@@ -88,15 +98,24 @@ def discover(fs: pafs.FileSystem, root: str) -> SourceListing:
 
     metadata: list[ImageLocation] = []
     images: dict[str, ImageLocation] = {}
+    sizes: dict[str, int] = {}
     containers: list[str] = []
     duplicates: list[str] = []
+    conflicts: list[str] = []
+    nested_zips: list[str] = []
 
-    def add_image(loc: ImageLocation, name: str, container: str) -> None:
+    def add_image(loc: ImageLocation, name: str, size: int, container: str) -> None:
         image_id = _image_id(name)
         if image_id in images:
-            duplicates.append(f"{loc.describe()} (image_id {image_id} already at {images[image_id].describe()})")
+            # Kaggle's download holds every image twice (byte-identical folders);
+            # a file of another size under the same name is a different image
+            # (a mask, a resized copy), and guessing which one to train on is
+            # how a store silently fills with the wrong pixels.
+            where = f"{loc.describe()} (image_id {image_id} already at {images[image_id].describe()})"
+            (duplicates if size == sizes[image_id] else conflicts).append(where)
             return
         images[image_id] = loc
+        sizes[image_id] = size
         if container not in containers:
             containers.append(container)
 
@@ -104,25 +123,39 @@ def discover(fs: pafs.FileSystem, root: str) -> SourceListing:
         if _is_junk(f.path):
             continue
         lower = f.base_name.lower()
-        if lower.startswith(METADATA_PREFIX.lower()):
+        if _is_metadata(lower):
             metadata.append(ImageLocation(f.path))
         elif lower.endswith(IMAGE_EXTENSIONS):
-            add_image(ImageLocation(f.path), f.path, posixpath.dirname(f.path))
+            add_image(ImageLocation(f.path), f.path, f.size, posixpath.dirname(f.path))
         elif lower.endswith(".zip"):
             with fs.open_input_file(f.path) as fh:
                 try:
-                    names = zipfile.ZipFile(fh).namelist()
+                    members = zipfile.ZipFile(fh).infolist()
                 except zipfile.BadZipFile as exc:
                     raise SourceError(f"{f.path}: not a readable zip file ({exc})") from None
-            for name in sorted(names):
+            for member in sorted(members, key=lambda m: m.filename):
+                name = member.filename
                 if name.endswith("/") or _is_junk(name):
                     continue
                 base = posixpath.basename(name).lower()
-                if base.startswith(METADATA_PREFIX.lower()):
+                if _is_metadata(base):
                     metadata.append(ImageLocation(f.path, name))
                 elif base.endswith(IMAGE_EXTENSIONS):
-                    add_image(ImageLocation(f.path, name), name, f.path)
+                    add_image(ImageLocation(f.path, name), name, member.file_size, f.path)
+                elif base.endswith(".zip"):
+                    nested_zips.append(f"{f.path}!{name}")
 
+    if conflicts:
+        raise SourceError(
+            f"{root}: {len(conflicts)} image file(s) share an image_id with a different file, e.g. "
+            f"{'; '.join(conflicts[:3])}; keep one copy of the images in the source and move the "
+            "other files (masks, resized copies) out of it"
+        )
+    if not images and nested_zips:
+        raise SourceError(
+            f"{root}: the images are in zip files inside a zip ({', '.join(nested_zips[:3])}), "
+            "which are not read; extract the outer zip and ingest the folder"
+        )
     if not metadata:
         raise SourceError(f"{root}: no {METADATA_PREFIX}.csv (or .tab) found")
     # The shallowest one wins: a copy nested deeper is usually a stale extract.
@@ -133,8 +166,9 @@ def discover(fs: pafs.FileSystem, root: str) -> SourceListing:
     depth = metadata[0].describe().count("/")
     shallowest = [m for m in metadata if m.describe().count("/") == depth]
     if len(shallowest) > 1:
-        first = read_metadata(fs, shallowest[0])
-        differing = [m for m in shallowest[1:] if not read_metadata(fs, m).equals(first)]
+        # Compared without the line numbers: a blank line more is the same table.
+        first = read_metadata(fs, shallowest[0]).drop(columns="row")
+        differing = [m for m in shallowest[1:] if not read_metadata(fs, m).drop(columns="row").equals(first)]
         if differing:
             raise SourceError(
                 f"{root}: metadata files side by side hold different tables ({shallowest[0].describe()} and "
@@ -160,34 +194,77 @@ def read_location(fs: pafs.FileSystem, loc: ImageLocation) -> bytes:
 def read_metadata(fs: pafs.FileSystem, loc: ImageLocation, *, extra_required: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read the metadata table as strings, checking the required columns first.
 
-    Comma- or tab-separated (Dataverse serves a ``.tab``). Raises SourceError
-    naming the file and the missing columns, before anything is written.
+    Comma-, tab- (Dataverse serves a ``.tab``) or semicolon-separated (a
+    spreadsheet's export in many locales). Each row keeps the line it starts
+    on, as an editor numbers it (blank lines and multi-line quoted fields
+    included), so quarantine reports point at the right line. Raises
+    SourceError naming the file (and line) before anything is written.
     """
     raw = read_location(fs, loc)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise SourceError(f"{loc.describe()}: not UTF-8 text ({exc})") from None
-    first_line = text.split("\n", 1)[0]
-    sep = "\t" if first_line.count("\t") > first_line.count(",") else ","
-    try:
-        frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise SourceError(f"{loc.describe()}: cannot parse as CSV ({exc})") from None
-    frame.columns = [c.strip().strip('"').lower() for c in frame.columns]
-    missing = [c for c in (*REQUIRED_COLUMNS, *extra_required) if c not in frame.columns]
+    header, records, lines = _parse_table(text, loc)
+    columns = [c.strip().strip('"').lower() for c in header]
+    used = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *extra_required)
+    repeated = sorted({c for c in columns if c in used and columns.count(c) > 1})
+    if repeated:
+        raise SourceError(
+            f"{loc.describe()}: column(s) {', '.join(repeated)} appear more than once in the header "
+            "(names are compared without case); keep one of each"
+        )
+    missing = [c for c in (*REQUIRED_COLUMNS, *extra_required) if c not in columns]
     if missing:
         raise SourceError(
             f"{loc.describe()}: missing required column(s) {', '.join(missing)}; "
-            f"found {', '.join(frame.columns) or 'no columns'}"
+            f"found {', '.join(c for c in columns if c) or 'no columns'}"
         )
-    for column in OPTIONAL_COLUMNS:
-        if column not in frame.columns:
-            frame[column] = ""
-    frame = frame[[*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS]].apply(lambda col: col.str.strip().str.strip('"'))
-    # Line numbers as a user sees them in an editor: the header is line 1.
-    frame.insert(0, "row", np.arange(2, len(frame) + 2))
-    return frame
+    frame = pd.DataFrame(records, columns=range(len(columns)), dtype=object)
+    data = {}
+    for column in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
+        values = frame[columns.index(column)] if column in columns else pd.Series("", index=frame.index)
+        data[column] = values.astype(str).str.strip().str.strip('"')
+    return pd.DataFrame({"row": np.asarray(lines, dtype=np.int64), **data})
+
+
+def _parse_table(text: str, loc: ImageLocation) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, data records padded to the header's width, and the line each record starts on."""
+    first_line = text.lstrip("\r\n").splitlines()[0] if text.strip() else ""
+    counts = {sep: first_line.count(sep) for sep in (",", "\t", ";")}
+    sep = max(counts, key=lambda k: (counts[k], k == ","))  # ties (a one-column file) read as CSV
+    # strict: an unclosed quote is an error, not the rest of the file read as one field.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    header: list[str] | None = None
+    records: list[list[str]] = []
+    lines: list[int] = []
+    start = 1
+    try:
+        while True:
+            start = reader.line_num + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            if not any(field.strip() for field in record):
+                continue  # blank line
+            if header is None:
+                header = record
+                continue
+            if len(record) > len(header):
+                if any(field.strip() for field in record[len(header):]):
+                    raise SourceError(
+                        f"{loc.describe()}: line {start} has {len(record)} fields, the header has "
+                        f"{len(header)}; quote fields that contain {sep!r}"
+                    )
+                record = record[: len(header)]  # a trailing separator: nothing lost
+            records.append(record + [""] * (len(header) - len(record)))
+            lines.append(start)
+    except csv.Error as exc:
+        raise SourceError(f"{loc.describe()}: cannot parse as CSV in the row starting on line {start} ({exc})") from None
+    if header is None:
+        raise SourceError(f"{loc.describe()}: the file is empty (no header line)")
+    return header, records, lines
 
 
 @dataclass
@@ -208,7 +285,7 @@ def check_rows(frame: pd.DataFrame, clean: str = "none") -> CheckedMetadata:
 
     Quarantined: empty image_id or lesion_id, a dx outside the seven classes,
     an age that is not a number in [0, 120], a repeated image_id (the first
-    occurrence is kept). Missing age, sex, localization and dx_type are kept as
+    usable occurrence is kept). Missing age, sex, localization and dx_type are kept as
     nulls unless `clean == "study"`, which drops rows with missing or zero age
     and 'unknown' sex or localization, as the study did.
     """
@@ -234,9 +311,12 @@ def check_rows(frame: pd.DataFrame, clean: str = "none") -> CheckedMetadata:
         reasons[idx] = f"age {frame.at[idx, 'age']!r} is not a number between 0 and 120"
     frame["age"] = age.astype("float32")
 
-    first_row = frame.groupby("image_id")["row"].transform("min")
-    dup = (frame["row"] != first_row) & ~_missing(frame["image_id"])
-    for idx in frame.index[dup & (reasons == "")]:
+    # The first usable row of an image_id is kept: an earlier row already
+    # quarantined for another reason must not take its image with it.
+    usable = reasons == ""
+    first_row = frame.loc[usable].groupby("image_id")["row"].transform("min")
+    dup = usable & (frame["row"] != first_row.reindex(frame.index)) & ~_missing(frame["image_id"])
+    for idx in frame.index[dup]:
         reasons[idx] = f"duplicate image_id {frame.at[idx, 'image_id']} (first seen at row {first_row[idx]})"
 
     for column in ("sex", "localization", "dx_type"):

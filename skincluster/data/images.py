@@ -42,11 +42,26 @@ def decode_image(data: bytes, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIG
                 if img.format == "JPEG":
                     img.draft("RGB", (width, height))
                 img.load()
-                rgb = img.convert("RGB")
+                rgb = _to_rgb(img)
     except UnidentifiedImageError:
         raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"image too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), RESAMPLE)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB at 8 bits a channel. Pillow's own convert("RGB") clips 16-bit
+    grayscale (a PNG's "I;16", or "I") at 255, which turns the image white;
+    those are scaled down from their 16-bit range instead."""
+    if img.mode.startswith("I"):
+        values = np.asarray(img, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{img.mode} pixel values outside 0-65535 are not a supported image")
+        scaled = np.rint(values / 257.0).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")  # uint8, 2-D: mode "L"
+    return img.convert("RGB")

@@ -451,7 +451,7 @@ def _print_summary(log, result: IngestResult, orphans: list[str]) -> None:
     if orphans:
         lines.append(f"orphan image files (no metadata row): {len(orphans)}, e.g. {', '.join(orphans[:5])}")
     if m["duplicate_files"]:
-        lines.append(f"duplicate image files ignored: {len(m['duplicate_files'])}")
+        lines.append(f"copies of image files ignored: {len(m['duplicate_files'])}")
     stats = m["stats"]
     lines.append("train mean/std (RGB): " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(stats["mean"], stats["std"])))
     lines.append(f"decoded at {result.images_per_second:,.0f} images/s; total {result.seconds:.1f} s")
