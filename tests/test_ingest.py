@@ -405,6 +405,17 @@ def test_image_ids_with_a_file_extension_get_a_hint_and_no_promise_of_a_manifest
     assert "no manifest is written" in text and "listed in manifest.json" not in text
 
 
+def test_an_image_id_differing_from_its_file_in_case_gets_a_hint(tmp_path):
+    rows = make_rows()
+    images = default_images(rows)
+    rows[3]["image_id"] = rows[3]["image_id"].lower()
+    result = _ingest(write_kaggle(tmp_path / "src", rows, images), tmp_path / "s")
+    [entry] = result.quarantine
+    assert entry["image_id"] == rows[3]["image_id"]
+    assert "image file not found in the source (a file differing only in case exists: " in entry["reason"]
+    assert entry["reason"].endswith(f"{rows[3]['image_id'].upper()}.jpg)")
+
+
 def test_source_without_metadata_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no HAM10000_metadata"):

@@ -206,11 +206,14 @@ def _ingest(
     all_ids = set(frame["image_id"])
     orphans = sorted(i for i in listing.images if i not in all_ids)
     has_file = rows["image_id"].isin(listing.images.keys())
+    by_lower_case = {} if has_file.all() else {i.lower(): loc for i, loc in listing.images.items()}
     for r, i in zip(rows.loc[~has_file, "row"], rows.loc[~has_file, "image_id"]):
         reason = "image file not found in the source"
         stem, extension = posixpath.splitext(i)
         if extension.lower() in ham10000.IMAGE_EXTENSIONS and stem in listing.images:
             reason += f" (image_id carries a file extension; {listing.images[stem].describe()} exists)"
+        elif i.lower() in by_lower_case:  # file names are matched with their case
+            reason += f" (a file differing only in case exists: {by_lower_case[i.lower()].describe()})"
         quarantine.append({"row": int(r), "image_id": i, "reason": reason})
     rows = rows.loc[has_file].reset_index(drop=True)
 
