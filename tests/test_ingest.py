@@ -672,8 +672,15 @@ def test_a_damaged_store_is_an_error_naming_the_manifest_or_shard(good_store, tm
     with pytest.raises(StoreError, match=r"manifest.json: the manifest lacks counts"):
         open_store(damaged(lambda d: (d / "manifest.json").write_text(json.dumps(without_counts))))
     shard = manifest["files"][-1]["path"]
-    with pytest.raises(StoreError, match=rf"1 shard\(s\) listed in manifest.json are missing \(.*{shard}\)"):
+    with pytest.raises(StoreError, match=rf"1 shard\(s\) listed in manifest.json are missing or damaged \(.*{shard}\)"):
         open_store(damaged(lambda d: (d / shard).unlink()))
+
+    def truncate(d):
+        data = (d / shard).read_bytes()
+        (d / shard).write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(StoreError, match=rf"1 shard\(s\) listed in manifest.json are missing or damaged \(.*{shard}\)"):
+        open_store(damaged(truncate))
 
 
 def test_manifest_is_plain_json(good_store):

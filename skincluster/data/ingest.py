@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 import skincluster
 from skincluster import storage
@@ -265,7 +264,7 @@ def _ingest(
     manifest_path = posixpath.join(dest_root, store.MANIFEST_NAME)
     if existing is not None and existing.get("fingerprint") == fingerprint:
         lacking = [f"{store.MANIFEST_NAME} lacks {key}" for key in store.MANIFEST_KEYS if key not in existing]
-        damaged = lacking or _damaged_files(dest_fs, dest_root, existing)
+        damaged = lacking or store.damaged_shards(dest_fs, dest_root, existing)
         if not damaged:
             log(f"{dest} is already up to date (same source and options); nothing written.")
             seconds = time.perf_counter() - started
@@ -349,20 +348,6 @@ def _fingerprint(metadata_bytes: bytes, good: pd.DataFrame, options: IngestOptio
     for image_id, md5 in sorted(zip(good["image_id"], good["source_md5"])):
         h.update(f"{image_id}:{md5}\n".encode())
     return h.hexdigest()
-
-
-def _damaged_files(fs, root: str, manifest: dict) -> list[str]:
-    """The manifest's shards that are missing, or whose Parquet footer is unreadable or counts other rows."""
-    damaged = []
-    for f in manifest["files"]:
-        try:
-            with fs.open_input_file(posixpath.join(root, f["path"])) as fh:
-                intact = pq.ParquetFile(fh).metadata.num_rows == f["rows"]
-        except (OSError, ValueError):  # missing file; ArrowInvalid (a ValueError) for a torn footer
-            intact = False
-        if not intact:
-            damaged.append(f["path"])
-    return damaged
 
 
 def _source_checksums(metadata_bytes: bytes, listing, good: pd.DataFrame, rows: pd.DataFrame) -> dict:

@@ -141,12 +141,27 @@ def open_store(root: str) -> Store:
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise StoreError(f"{where}: the manifest lacks {', '.join(missing)}; ingest the data again")
-    paths = [posixpath.join(path, f["path"]) for f in manifest["files"]]
-    absent = [f["path"] for f, info in zip(manifest["files"], fs.get_file_info(paths)) if info.type != pafs.FileType.File]
-    if absent:
-        raise StoreError(f"{root}: {len(absent)} shard(s) listed in {MANIFEST_NAME} are missing ({absent[0]}"
-                         f"{', ...' if len(absent) > 1 else ''}); ingest the data again to repair the store")
+    # Footers are read here, not left to the first read: under Ray a torn
+    # shard surfaces as a bare "Parquet magic bytes not found" from a worker.
+    damaged = damaged_shards(fs, path, manifest)
+    if damaged:
+        raise StoreError(f"{root}: {len(damaged)} shard(s) listed in {MANIFEST_NAME} are missing or damaged "
+                         f"({damaged[0]}{', ...' if len(damaged) > 1 else ''}); ingest the data again to repair the store")
     return Store(root, fs, path, manifest)
+
+
+def damaged_shards(fs: pafs.FileSystem, path: str, manifest: dict) -> list[str]:
+    """The manifest's shards that are missing, or whose Parquet footer is unreadable or counts other rows."""
+    damaged = []
+    for f in manifest["files"]:
+        try:
+            with fs.open_input_file(posixpath.join(path, f["path"])) as fh:
+                intact = pq.ParquetFile(fh).metadata.num_rows == f["rows"]
+        except (OSError, ValueError):  # missing file; ArrowInvalid (a ValueError) for a torn footer
+            intact = False
+        if not intact:
+            damaged.append(f["path"])
+    return damaged
 
 
 def images_from_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
