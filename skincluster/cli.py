@@ -189,7 +189,7 @@ def _run_compare(args) -> int:
     spec = Comparison(
         data=args.data,
         storage=args.storage,
-        name=args.name or f"compare-{args.profile}",
+        name=args.name if args.name is not None else f"compare-{args.profile}",  # "" is an error, not the default
         models=_model_names(args.models),
         variants=_variants(args.variant),
         profile=args.profile,
@@ -259,7 +259,7 @@ def _add_predict(sub) -> None:
                     "the given model(s). Files that cannot be read are reported; the others are still processed.",
     )
     p.add_argument("paths", nargs="+", metavar="MODEL.keras... IMAGE_OR_FOLDER...",
-                   help="one or more saved models (.keras or SavedModel folders), then images or folders")
+                   help="one or more saved models (.keras or Keras SavedModel folders), then images or folders")
     p.add_argument("--tta", action="store_true", help="also average horizontal and vertical flips")
     p.add_argument("--json", default=None, help="write the predictions as JSON to this file")
     p.add_argument("--csv", default=None, help="write the predictions as CSV to this file")
@@ -306,7 +306,7 @@ def _add_export(sub) -> None:
                     "with --data, calibrate the int8 file on train images and compare every format on the "
                     "test split. The report goes to DIR/export.json.",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help=".keras file(s) or SavedModel folder(s)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=".keras file(s) or Keras SavedModel folder(s)")
     p.add_argument("--out", required=True, help="local folder to write into (created)")
     p.add_argument("--data", default=None,
                    help="store (from `skincluster ingest`): int8 calibration images and test-split evaluation")
@@ -332,7 +332,7 @@ def _add_explain(sub) -> None:
                     "on the model's last convolutional feature map (input-gradient saliency for `nn`, which has "
                     "none), and write it over the image as a PNG of the image's own size.",
     )
-    p.add_argument("model", help=".keras file or SavedModel folder")
+    p.add_argument("model", help=".keras file or Keras SavedModel folder")
     p.add_argument("image", help="image file (.jpg/.png)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--class", dest="class_name", default=None, metavar="NAME",

@@ -95,6 +95,23 @@ def test_names_must_be_one_folder(name):
     check_folder_name("mobilenet-cpu_2.v1", "run name")
 
 
+@pytest.mark.parametrize("command", ["train nn --local", "compare"])
+def test_an_empty_name_on_the_command_line_is_an_error_not_the_default(command, synthetic_store, tmp_path, capsys):
+    from skincluster.cli import main as cli_main
+
+    assert cli_main([*command.split(), "--data", synthetic_store, "--storage", str(tmp_path / "runs"),
+                     "--name", ""]) == 2
+    assert "one folder name" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_bytes(b'{"epochs": "\xff"}')
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not valid JSON")):
+        load_overrides(str(path))
+
+
 def test_model_prefixed_overrides_apply_to_that_model_only():
     overrides = {"batch_size": "32", "mobilenet:alpha": "0.75", "mobilenet:batch_size": "8"}
     assert overrides_for_model(overrides, "mobilenet") == {"batch_size": "8", "alpha": "0.75"}

@@ -93,7 +93,7 @@ def resolve_run(
         scaling=scaling,
         profile=profile,
         storage=storage_dir,
-        name=name or f"{model}-{profile}",
+        name=name if name is not None else f"{model}-{profile}",  # "" is an error, not the default
         class_names=tuple(store.class_names),
         channel_mean=tuple(store.channel_mean),
         channel_std=tuple(store.channel_std),
