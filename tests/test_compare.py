@@ -79,16 +79,27 @@ def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_exper
         ("runs/nn/evaluation.json", "", r"runs/nn/evaluation.json: not readable JSON"),
         ("runs/nn/evaluation.json", json.dumps(evaluation), r"runs/nn/evaluation.json: .*lacks confusion_matrix"),
         ("runs/cnn/history.json", '{"x": 1}', r"runs/cnn/history.json: not a per-epoch history"),
+        ("runs/cnn/history.json", '[{"images_per_second": 5.0}]', r"runs/cnn/history.json: not a per-epoch history"),
         ("runs/nn/evaluation.json", json.dumps({**evaluation, "confusion_matrix": [], "val": None}),
          r"runs/nn/evaluation.json: .*lacks val \(an object\)"),
     ]
     for name, text, message in cases:
         copy = damaged(name, text)
-        before = (copy / "results.csv").read_bytes(), os.path.getmtime(copy / "results.csv")
+        outputs = ("results.csv", "results.md", "report.md")
+        before = [((copy / f).read_bytes(), os.path.getmtime(copy / f)) for f in outputs]
         with pytest.raises(ReportError, match=message):
             build_report(str(copy))
-        assert ((copy / "results.csv").read_bytes(), os.path.getmtime(copy / "results.csv")) == before, name
+        assert [((copy / f).read_bytes(), os.path.getmtime(copy / f)) for f in outputs] == before, name
     assert cli_main(["report", str(copy)]) == 2
+
+
+def test_a_report_without_the_best_model_file_says_it_was_not_exported(smoke_experiment, tmp_path):
+    copy = tmp_path / "e"
+    shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras"))
+    summary = build_report(str(copy))
+    text = (copy / "report.md").read_text()
+    assert f"Not exported: `runs/{summary['best']}/model.keras` is missing" in text
+    assert "Exported as" not in text and not (copy / "best" / "model.keras").exists()
 
 
 def test_a_trial_with_epochs_but_no_evaluation_is_interrupted_not_stopped(smoke_experiment, tmp_path):

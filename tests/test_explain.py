@@ -137,6 +137,16 @@ def test_cli_writes_png_at_the_image_size(cnn_file, tmp_path, capsys):
     assert "heatmap for mel" in capsys.readouterr().out
 
 
+def test_the_photo_of_a_16_bit_image_is_scaled_not_clipped_to_white(tmp_path):
+    from skincluster.serve.explain import read_image
+
+    gray = np.linspace(7, 243, 150 * 200).reshape(150, 200).round().astype(np.uint16)
+    Image.fromarray(gray * 257).save(tmp_path / "g16.png")  # Pillow mode "I;16"
+    view, photo = read_image(str(tmp_path / "g16.png"))
+    np.testing.assert_array_equal(np.asarray(photo)[..., 1], gray)
+    assert abs(float(view.mean()) - float(gray.mean())) < 2
+
+
 def test_cli_names_bad_files(cnn_file, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(os.urandom(2000))

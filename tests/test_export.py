@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -159,6 +160,56 @@ def test_cli_names_bad_inputs(local_experiment, tmp_path, capsys):
         assert err.startswith("error: ") and expected in err, err
 
 
+def _digests(folder) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_models_that_cannot_be_loaded_are_named_not_tracebacks(cnn_export, tmp_path):
+    import zipfile
+
+    with pytest.raises(ValueError, match=r"saved_model: a serving SavedModel .* give the model.keras exported beside it"):
+        ex.load_models([os.path.join(cnn_export.out_dir, "saved_model")])
+    empty = tmp_path / "empty.keras"
+    zipfile.ZipFile(empty, "w").close()  # TensorFlow raises its own InvalidArgumentError on it
+    with pytest.raises(ValueError, match=r"empty.keras: cannot load as a Keras model"):
+        ex.load_models([str(empty)])
+
+
+def test_export_refuses_to_overwrite_its_input_model_or_a_run_folder(local_experiment, tmp_path, capsys):
+    run = os.path.join(local_experiment, "runs", "nn")
+    before = _digests(Path(run))
+    assert cli_main(["export", _model(local_experiment, "cnn"), "--out", run]) == 2
+    assert "is a training run folder" in capsys.readouterr().err
+    copy = tmp_path / "mine"
+    copy.mkdir()
+    shutil.copy(_model(local_experiment, "nn"), copy / "model.keras")
+    assert cli_main(["export", str(copy / "model.keras"), "--out", str(copy)]) == 2
+    assert f"would overwrite the input model {copy / 'model.keras'}" in capsys.readouterr().err
+    assert _digests(Path(run)) == before
+
+
+def test_a_failed_export_leaves_the_previous_export_whole(local_experiment, tmp_path, monkeypatch):
+    out = tmp_path / "served"
+    ex.export([_model(local_experiment, "nn")], str(out), log=lambda *_: None)
+    before = _digests(out)
+    real_convert = ex.convert_tflite
+
+    def failing(model, kind, representative=None):
+        if kind == "float16":
+            raise RuntimeError("converter failed")
+        return real_convert(model, kind, representative)
+
+    monkeypatch.setattr(ex, "convert_tflite", failing)
+    with pytest.raises(RuntimeError, match="converter failed"):
+        ex.export([_model(local_experiment, "cnn")], str(out), log=lambda *_: None)
+    assert _digests(out) == before  # no file of the cnn export, none of the nn export lost
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.keras", "saved_model", "model_float32.tflite", "model_float16.tflite", "export.json"])
+
+
 def test_without_a_store_int8_is_skipped_and_said(local_experiment, tmp_path):
     report = ex.export([_model(local_experiment, "nn")], str(tmp_path / "nn"), log=lambda *_: None)
     assert "tflite_int8" not in report.files and not report.evaluation
@@ -226,6 +277,15 @@ def test_report_ensemble_on_s3(local_experiment, s3_env):
     cached = storage.read_json(fs, f"{bucket}/exp/ensemble/evaluation.json")
     assert sorted(cached["members"]) == ["cnn", "nn"] and math.isfinite(cached["evaluation"]["balanced_accuracy"])
     assert "| ensemble (" in storage.read_bytes(fs, f"{bucket}/exp/results.md").decode()
+
+
+def test_a_torn_ensemble_cache_is_recomputed(local_experiment, tmp_path):
+    copy = tmp_path / "torn"
+    shutil.copytree(local_experiment, copy)
+    (copy / "ensemble" / "evaluation.json").write_text('{"members": ["nn", ')  # killed mid-write elsewhere
+    build_report(str(copy))
+    assert "| ensemble (" in (copy / "results.md").read_text()
+    assert sorted(json.loads((copy / "ensemble" / "evaluation.json").read_text())["members"]) == ["cnn", "nn"]
 
 
 def test_report_survives_an_ensemble_that_cannot_be_evaluated(local_experiment, tmp_path):

@@ -42,7 +42,7 @@ def decode_image(data: bytes, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIG
                 if img.format == "JPEG":
                     img.draft("RGB", (width, height))
                 img.load()
-                rgb = _to_rgb(img)
+                rgb = to_rgb(img)
     except UnidentifiedImageError:
         raise ImageDecodeError("not a readable image (unknown or corrupt format)") from None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -54,7 +54,7 @@ def decode_image(data: bytes, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIG
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """RGB at 8 bits a channel. Pillow's own convert("RGB") clips 16-bit
     grayscale (a PNG's "I;16", or "I") at 255, which turns the image white;
     those are scaled down from their 16-bit range instead."""

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from skincluster.config import CLASS_LONG_NAMES, CLASS_NAMES
-from skincluster.data.images import ImageDecodeError, decode_image
+from skincluster.data.images import ImageDecodeError, decode_image, to_rgb
 
 #: Weight of the coloured heatmap in the overlay (the rest is the photo).
 OVERLAY_ALPHA = 0.45
@@ -200,7 +200,7 @@ def read_image(path: str) -> tuple[np.ndarray, Image.Image]:
     except ImageDecodeError as exc:
         raise ImageDecodeError(f"{path}: {exc}") from None
     with Image.open(io.BytesIO(data)) as img:  # decodes, since decode_image just did
-        photo = img.convert("RGB")
+        photo = to_rgb(img)  # not img.convert: that clips 16-bit images to white
     return view, photo
 
 

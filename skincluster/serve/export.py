@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 import zipfile
@@ -81,15 +82,25 @@ def ensemble_model(models: list, name: str = "ensemble"):
 
 def load_models(paths: list[str]) -> list:
     """Load each model, checking it takes one uint8 100x125x3 image and gives 7 probabilities."""
+    import skincluster  # noqa: F401  (tf-keras before TensorFlow)
+    import tensorflow as tf
+
     from skincluster.models import load_model
 
     models = []
     for path in paths:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such model file or SavedModel folder")
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "keras_metadata.pb")) \
+                and os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise ValueError(f"{path}: a serving SavedModel (as `skincluster export` writes) holds no Keras "
+                             f"layers to load; give the {KERAS_FILE} exported beside it")
         try:
             model = load_model(path)
-        except (ValueError, OSError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        except (ValueError, OSError, TypeError, KeyError, IndexError, zipfile.BadZipFile, tf.errors.OpError) as exc:
+            # TensorFlow's own errors (a file it may not read, a truncated
+            # variables file) are not OSErrors, and a torn file can fail anywhere
+            # in the loader; each is a bad model file, not a bug here.
             raise ValueError(f"{path}: cannot load as a Keras model: {exc}") from exc
         if tuple(model.input_shape) != (None, *IMAGE_SHAPE) or tuple(model.output_shape) != (None, len(CLASS_NAMES)):
             raise ValueError(
@@ -239,9 +250,39 @@ def _size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def _replace_dir(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path)
+#: Files a training run folder holds (skincluster train): export must not write into one.
+RUN_FOLDER_MARKERS = ("history.json", "metrics.jsonl", "checkpoints")
+
+
+def _check_out_dir(out_dir: str, model_paths: list[str]) -> None:
+    """Refuse an --out that would overwrite an input model or a training run's files."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    targets = {os.path.realpath(os.path.join(out_dir, name)) for name in (KERAS_FILE, SAVED_MODEL_DIR)}
+    for path in model_paths:
+        if os.path.realpath(path) in targets:
+            raise ValueError(f"--out {out_dir}: the export would overwrite the input model {path}; "
+                             "export into a folder of its own")
+    found = [name for name in RUN_FOLDER_MARKERS if os.path.exists(os.path.join(out_dir, name))]
+    if found:
+        raise ValueError(f"--out {out_dir}: is a training run folder (it holds {', '.join(found)}); "
+                         "export into a folder of its own")
+
+
+def _publish(staging: str, out_dir: str, names: list[str]) -> None:
+    """Move the export's files from `staging` into `out_dir`, replacing an earlier export's.
+
+    Called only once every format is written and evaluated, so a failed export
+    leaves the previous one whole; export.json goes last.
+    """
+    for name in [*TFLITE_FILES.values(), KERAS_FILE, SAVED_MODEL_DIR, REPORT_FILE]:
+        target = os.path.join(out_dir, name)
+        if name in names:
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        elif name in TFLITE_FILES.values() and os.path.exists(target):
+            os.remove(target)  # a stale int8 file from an earlier export would not match this model
 
 
 def export(
@@ -257,25 +298,37 @@ def export(
     """Write every format into `out_dir` (a local folder), evaluate them on the store's test split."""
     import skincluster  # noqa: F401  (tf-keras before TensorFlow)
 
-    from skincluster.data.pipeline import read_arrays
     from skincluster.data.store import open_store
-    from skincluster.train.metrics import evaluate_predictions
 
     if not model_paths:
         raise ValueError("give at least one model (.keras file or SavedModel folder)")
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be positive, got {limit}")
+    _check_out_dir(out_dir, model_paths)
     store = open_store(store_uri) if store_uri else None
     models = load_models(model_paths)
     model = ensemble_model(models)
     os.makedirs(out_dir, exist_ok=True)
     report = ExportReport(out_dir=os.path.abspath(out_dir), models=[os.path.abspath(p) for p in model_paths])
+    staging = tempfile.mkdtemp(prefix=".export-staging-", dir=out_dir)
+    try:
+        _export_into(staging, model, report, store, store_uri, limit, seed, representative_images, log)
+        _publish(staging, out_dir, [*(entry["path"] for entry in report.files.values()), REPORT_FILE])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _export_into(out_dir, model, report, store, store_uri, limit, seed, representative_images, log) -> None:
+    """Write and evaluate every format in `out_dir` (export's staging folder), filling `report`."""
+    from skincluster.data.pipeline import read_arrays
+    from skincluster.train.metrics import evaluate_predictions
+
 
     keras_path = os.path.join(out_dir, KERAS_FILE)
     model.save(keras_path)
     report.files["keras"] = {"path": KERAS_FILE}
     saved_path = os.path.join(out_dir, SAVED_MODEL_DIR)
-    _replace_dir(saved_path)
     save_saved_model(model, saved_path)
     report.files["saved_model"] = {"path": SAVED_MODEL_DIR, "signature": "serving_default",
                                    "input": {"name": "image", "dtype": "uint8", "shape": [None, *IMAGE_SHAPE]},
@@ -290,8 +343,6 @@ def export(
         kind = fmt.removeprefix("tflite_")
         path = os.path.join(out_dir, filename)
         if kind == "int8" and representative is None:
-            if os.path.exists(path):
-                os.remove(path)  # a stale int8 file from an earlier export would not match this model
             report.warnings.append("int8 TFLite not written: it is calibrated on train-split images; give --data STORE")
             continue
         started = time.perf_counter()
@@ -341,7 +392,6 @@ def export(
     with open(os.path.join(out_dir, REPORT_FILE), "w", encoding="utf-8") as fh:
         json.dump(report.to_dict(), fh, indent=2)
         fh.write("\n")
-    return report
 
 
 def quantisation_costs(evaluation: dict[str, dict[str, Any]], n_images: int) -> list[str]:

@@ -92,8 +92,9 @@ def _check_evaluation(path: str, evaluation: Any) -> None:
 
 
 def _check_history(path: str, history: Any) -> None:
-    if not (isinstance(history, list) and all(isinstance(h, dict) and "images_per_second" in h for h in history)):
-        raise ReportError(f"{path}: not a per-epoch history (a list of objects with images_per_second)")
+    if not (isinstance(history, list)
+            and all(isinstance(h, dict) and "images_per_second" in h and "epoch" in h for h in history)):
+        raise ReportError(f"{path}: not a per-epoch history (a list of objects with epoch and images_per_second)")
 
 
 def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[str, list], dict]:
@@ -175,34 +176,40 @@ def build_report(experiment_dir: str) -> dict[str, Any]:
     fs, root = storage.resolve(experiment_dir)
     table, evaluations, histories, experiment = collect(experiment_dir)
     table = table.sort_values("balanced_accuracy", ascending=False, na_position="last").reset_index(drop=True)
-    storage.write_bytes_atomic(fs, f"{root}/results.csv", table.to_csv(index=False).encode())
-    results_md = _markdown_table(table)
-    storage.write_bytes_atomic(fs, f"{root}/results.md", (results_md + "\n").encode())
-
+    # Everything is built before the first file is written, so a damaged input
+    # or an interrupt leaves the previous report's files as they were, not
+    # half old and half new.
+    files: dict[str, bytes] = {}
     for model, history in histories.items():
         if history:
-            _save_png(fs, f"{root}/curves/{model}.png", _curves_figure(model, history))
+            files[f"curves/{model}.png"] = _png(_curves_figure(model, history))
     if any(histories.values()):
-        _save_png(fs, f"{root}/curves/all_val.png", _all_val_figure(histories))
+        files["curves/all_val.png"] = _png(_all_val_figure(histories))
     for model, evaluation in evaluations.items():
-        _save_png(fs, f"{root}/confusion/{model}.png", _confusion_figure(model, evaluation))
+        files[f"confusion/{model}.png"] = _png(_confusion_figure(model, evaluation))
 
+    leaderboard = table
     ensemble_row, ensemble_note = ensemble(experiment_dir, experiment, evaluations)
     if ensemble_row is not None:
         leaderboard = pd.concat([table, pd.DataFrame([ensemble_row]).reindex(columns=COLUMNS)], ignore_index=True)
         leaderboard = leaderboard.sort_values("balanced_accuracy", ascending=False, na_position="last")
-        results_md = _markdown_table(leaderboard.reset_index(drop=True))
-        storage.write_bytes_atomic(fs, f"{root}/results.md", (results_md + "\n").encode())
+    results_md = _markdown_table(leaderboard.reset_index(drop=True))
+    files["results.csv"] = table.to_csv(index=False).encode()
+    files["results.md"] = (results_md + "\n").encode()
 
     best = best_model(table, evaluations)
-    if best:
-        src = f"{root}/runs/{best}/model.keras"
-        if storage.exists(fs, src):
-            storage.write_bytes_atomic(fs, f"{root}/best/model.keras", storage.read_bytes(fs, src))
-            storage.write_json_atomic(fs, f"{root}/best/best.json", {"model": best, "chosen_by": "val balanced accuracy",
-                                                                      "evaluation": evaluations[best]})
-    report = _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note)
-    storage.write_bytes_atomic(fs, f"{root}/report.md", report.encode())
+    best_source = f"{root}/runs/{best}/model.keras" if best else None
+    if best_source and storage.exists(fs, best_source):
+        files["best/model.keras"] = storage.read_bytes(fs, best_source)
+        files["best/best.json"] = (json.dumps({"model": best, "chosen_by": "val balanced accuracy",
+                                               "evaluation": evaluations[best]}, indent=2) + "\n").encode()
+    else:
+        best_source = None
+    report = _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note,
+                              exported=best_source is not None)
+    files["report.md"] = report.encode()
+    for name, data in files.items():  # report.md last: it is the one that says the rest is done
+        storage.write_bytes_atomic(fs, f"{root}/{name}", data)
     return {"experiment": experiment_dir, "best": best, "rows": len(table), "ensemble": ensemble_note,
             "report": storage.join(experiment_dir, "report.md")}
 
@@ -233,8 +240,11 @@ def ensemble(experiment_dir: str, experiment: dict, evaluations: dict[str, dict]
     # The cache is keyed on the members' own evaluations: a retrained member changes its evaluation.json.
     key = hashlib.sha256(b"".join(storage.read_bytes(fs, f"{root}/runs/{m}/evaluation.json") for m in members)).hexdigest()
     cache_path = f"{root}/ensemble/evaluation.json"
-    cached = _read_json(fs, cache_path)
-    if cached and cached.get("members") == members and cached.get("key") == key:
+    try:
+        cached = _read_json(fs, cache_path)
+    except ReportError:
+        cached = None  # a torn cache is recomputed, not a reason to refuse the report
+    if isinstance(cached, dict) and cached.get("members") == members and cached.get("key") == key:
         evaluation = cached["evaluation"]
     else:
         try:
@@ -324,7 +334,8 @@ def _markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note="") -> str:
+def _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note="",
+                     exported: bool = True) -> str:
     cmp = experiment["comparison"]
     any_run = next(iter(experiment["runs"].values()))
     lines = [
@@ -348,7 +359,9 @@ def _report_markdown(experiment, table, results_md, histories, evaluations, best
         lines += [
             f"**Best model (by validation balanced accuracy): `{best}`** — test balanced accuracy "
             f"{e['balanced_accuracy']:.3f}, accuracy {e['accuracy']:.3f}, melanoma recall {e['melanoma_recall']:.3f}, "
-            f"macro ROC AUC {e['roc_auc_ovr']:.3f}. Exported as `best/model.keras`.",
+            f"macro ROC AUC {e['roc_auc_ovr']:.3f}. "
+            + ("Exported as `best/model.keras`." if exported
+               else f"Not exported: `runs/{best}/model.keras` is missing from the experiment folder."),
             "",
         ]
     lines += ["## Leaderboard", "", results_md, ""]
@@ -382,13 +395,13 @@ def _report_markdown(experiment, table, results_md, histories, evaluations, best
     return "\n".join(lines)
 
 
-def _save_png(fs, path: str, figure) -> None:
+def _png(figure) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     figure.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
-    storage.write_bytes_atomic(fs, path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
