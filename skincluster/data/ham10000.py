@@ -220,11 +220,10 @@ def read_metadata(fs: pafs.FileSystem, loc: ImageLocation, *, extra_required: tu
             f"{loc.describe()}: missing required column(s) {', '.join(missing)}; "
             f"found {', '.join(c for c in columns if c) or 'no columns'}"
         )
-    frame = pd.DataFrame(records, columns=range(len(columns)), dtype=object)
     data = {}
     for column in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS):
-        values = frame[columns.index(column)] if column in columns else pd.Series("", index=frame.index)
-        data[column] = values.astype(str).str.strip().str.strip('"')
+        i = columns.index(column) if column in columns else None
+        data[column] = [("" if i is None else r[i]).strip().strip('"') for r in records]
     return pd.DataFrame({"row": np.asarray(lines, dtype=np.int64), **data})
 
 
