@@ -288,6 +288,10 @@ def _run_predict(args) -> int:
         print(format_table(predictions))
     for path, error in predictions.errors:
         print(f"error: {path}: {error}", file=sys.stderr)
+    if predictions.skipped:
+        shown = ", ".join(predictions.skipped[:3]) + (", ..." if len(predictions.skipped) > 3 else "")
+        print(f"note: skipped {len(predictions.skipped)} file(s) that are not .jpg/.jpeg/.png: {shown}",
+              file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             fh.write(to_json(predictions))

@@ -84,6 +84,45 @@ def test_a_model_file_that_does_not_load_is_named(images, tmp_path, capsys):
     assert f"{fake}: cannot load as a Keras model" in capsys.readouterr().err
 
 
+def test_folder_reports_skipped_files_and_unlistable_subfolders(saved_models, images, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "photos"
+    (folder / "locked").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes((images / "a.jpg").read_bytes())
+    (folder / "scan.tif").write_bytes(b"II*\0")
+    (folder / ".DS_Store").write_bytes(b"\0")
+    (folder / "locked" / "b.jpg").write_bytes((images / "a.jpg").read_bytes())
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # root reads any folder, so the denial is simulated
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code = cli_main(["predict", saved_models[0], str(folder), "--json", str(tmp_path / "p.json")])
+    assert code == 1  # a folder that could not be read is an error, not a silent gap
+    err = capsys.readouterr().err
+    assert f"error: {folder / 'locked'}: cannot list folder: Permission denied" in err
+    assert "note: skipped 1 file(s) that are not .jpg/.jpeg/.png" in err and "scan.tif" in err
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert [os.path.basename(r["image"]) for r in report["predictions"]] == ["a.jpg"]
+    assert [os.path.basename(p) for p in report["skipped"]] == ["scan.tif"]  # hidden files are not counted
+
+
+def test_a_model_without_softmax_is_refused(images, tmp_path, capsys):
+    import tf_keras as keras
+
+    from skincluster.config import IMAGE_SHAPE
+
+    inputs = keras.Input(IMAGE_SHAPE)
+    logits = keras.layers.Dense(len(CLASS_NAMES))(keras.layers.GlobalAveragePooling2D()(inputs))
+    path = tmp_path / "logits.keras"
+    keras.Model(inputs, logits).save(path)
+    assert cli_main(["predict", str(path), str(images)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: its outputs are not class probabilities" in err and "softmax" in err
+
+
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real HAM10000 not found at {REAL_DATA}")
 def test_predict_on_real_images(saved_models):
     from skincluster.models import load_model

@@ -107,8 +107,19 @@ def load_models(paths: list[str]) -> list:
                 f"{path}: expected input (None, {', '.join(map(str, IMAGE_SHAPE))}) and output (None, {len(CLASS_NAMES)}); "
                 f"got {model.input_shape} -> {model.output_shape}"
             )
+        _check_probabilities(model, path)
         models.append(model)
     return models
+
+
+def _check_probabilities(model, path: str) -> None:
+    """A model ending in logits (no softmax) has the right shapes but would be
+    averaged and ranked as if its scores were probabilities: refuse it."""
+    probe = np.stack([np.zeros(IMAGE_SHAPE, np.uint8), np.full(IMAGE_SHAPE, 160, np.uint8)])
+    out = np.asarray(model(probe, training=False), dtype=np.float64)
+    if not np.all(np.isfinite(out)) or out.min() < -1e-6 or np.abs(out.sum(axis=1) - 1).max() > 1e-2:
+        raise ValueError(f"{path}: its outputs are not class probabilities (a row of 7 non-negative numbers "
+                         f"summing to 1; got {np.round(out[0], 3).tolist()}): end the model in a softmax")
 
 
 def serving_function(model):

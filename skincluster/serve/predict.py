@@ -3,7 +3,9 @@
 Images are decoded and resized exactly as ingest does (`decode_image`), so a
 model sees the pixels it was trained on. Several models are averaged (an
 ensemble); `--tta` also averages horizontal and vertical flips. A file that is
-not a readable image is reported by name and the others are still processed.
+not a readable image is reported by name and the others are still processed;
+inside a folder, files that are not .jpg/.jpeg/.png are skipped and counted, so
+a folder of TIFFs does not pass for an empty result.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Predictions:
     probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CLASS_NAMES))))
     #: (path, reason) for every input that could not be read.
     errors: list[tuple[str, str]] = field(default_factory=list)
+    #: Files inside the given folders that are not .jpg/.jpeg/.png (hidden files aside).
+    skipped: list[str] = field(default_factory=list)
 
     def rows(self) -> list[dict]:
         out = []
@@ -47,30 +51,40 @@ class Predictions:
         return out
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Files as given, folders walked for images (sorted); missing paths become errors."""
-    files, errors = [], []
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """Files as given, folders walked for images (sorted).
+
+    Returns (image files, errors, skipped): a missing path or a subfolder that
+    cannot be listed is an error; a non-image file inside a folder is skipped.
+    """
+    files: list[str] = []
+    errors: list[tuple[str, str]] = []
+    skipped: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(item)
-                for name in names
-                if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
-            )
-            if not found:
+            found = []
+            # Without onerror os.walk drops an unreadable subfolder without a word.
+            walk_errors: list[OSError] = []
+            for root, _, names in os.walk(item, onerror=walk_errors.append):
+                for name in names:
+                    if name.startswith("."):
+                        continue  # .DS_Store, macOS "._" resource forks
+                    path = os.path.join(root, name)
+                    (found if name.lower().endswith(IMAGE_SUFFIXES) else skipped).append(path)
+            errors.extend((exc.filename or item, f"cannot list folder: {exc.strerror or exc}") for exc in walk_errors)
+            if not found and not walk_errors:
                 errors.append((item, "folder holds no .jpg/.jpeg/.png images"))
-            files.extend(found)
+            files.extend(sorted(found))
         elif os.path.isfile(item):
             files.append(item)
         else:
             errors.append((item, "no such file or folder"))
-    return files, errors
+    return files, errors, sorted(skipped)
 
 
 def predict(models: list, inputs: list[str], *, tta: bool = False, batch_size: int = 64) -> Predictions:
     """Average the class probabilities of `models` (loaded Keras models) over every readable image."""
-    files, errors = expand_inputs(inputs)
+    files, errors, skipped = expand_inputs(inputs)
     images, names = [], []
     for path in files:
         try:
@@ -79,7 +93,7 @@ def predict(models: list, inputs: list[str], *, tta: bool = False, batch_size: i
             names.append(path)
         except (ImageDecodeError, OSError) as exc:
             errors.append((path, str(exc)))
-    result = Predictions(images=names, errors=errors)
+    result = Predictions(images=names, errors=errors, skipped=skipped)
     if not images:
         return result
     batch = np.stack(images)
@@ -111,6 +125,7 @@ def to_json(predictions: Predictions) -> str:
         "classes": {n: CLASS_LONG_NAMES[n] for n in CLASS_NAMES},
         "predictions": predictions.rows(),
         "errors": [{"image": p, "error": e} for p, e in predictions.errors],
+        "skipped": predictions.skipped,
     }, indent=2)
 
 
