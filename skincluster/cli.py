@@ -142,12 +142,12 @@ def _recipe_overrides(args) -> dict:
 
 def _run_train(args) -> int:
     from skincluster.config import check_override_prefixes
-    from skincluster.models import list_models
+    from skincluster.models import get_recipe, list_models
     from skincluster.train.evaluate import format_summary
     from skincluster.train.launch import resolve_run, run_local, run_ray
 
     overrides = _recipe_overrides(args)
-    check_override_prefixes(overrides, list_models())
+    check_override_prefixes(overrides, {m: get_recipe(m) for m in list_models()})
     run = resolve_run(args.model, args.data, storage_dir=args.storage, name=args.name, profile=args.profile,
                       overrides=overrides, limit=args.limit, seed=args.seed, scaling=_scaling(args))
     if args.local and args.workers != 1:

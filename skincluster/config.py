@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import typing
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -390,14 +390,25 @@ def prefixed_overrides(overrides: dict[str, Any], prefix: str) -> dict[str, Any]
     return {k.split(":", 1)[1]: v for k, v in overrides.items() if ":" in k and k.split(":", 1)[0] == prefix}
 
 
-def check_override_prefixes(overrides: dict[str, Any], known: Iterable[str], what: str = "model") -> None:
-    """A ``typo:field`` override would silently apply to nothing: make it an error.
-    `what` names the kind of prefix in the message ("model", "model or variant")."""
-    known = list(known)
+def check_override_prefixes(overrides: dict[str, Any], recipes: Mapping[str, Recipe], what: str = "model") -> None:
+    """Check every ``prefix:field`` override against the recipe its prefix names.
+
+    `recipes` maps each allowed prefix to its base recipe. A ``typo:field``
+    override, or a bad field for a model this run does not train (a shared
+    --config file), would otherwise apply to nothing without a word. `what`
+    names the kind of prefix in the message ("model", "model or variant").
+    """
     for key in overrides:
         prefix = key.split(":", 1)[0] if ":" in key else None
-        if prefix is not None and prefix not in known:
-            raise ValueError(f"override {key!r}: no {what} named {prefix!r}; known: {', '.join(known)}")
+        if prefix is not None and prefix not in recipes:
+            raise ValueError(f"override {key!r}: no {what} named {prefix!r}; known: {', '.join(recipes)}")
+    for prefix, recipe in recipes.items():
+        own = prefixed_overrides(overrides, prefix)
+        if own:
+            try:
+                replace_fields(recipe, own)
+            except ValueError as exc:
+                raise ValueError(f"override for {prefix}: {exc}") from None
 
 
 def load_overrides(path: str) -> dict[str, Any]:

@@ -93,6 +93,24 @@ def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_exper
     assert cli_main(["report", str(copy)]) == 2
 
 
+def test_a_torn_last_line_of_tune_results_is_dropped_but_a_torn_middle_line_is_named(smoke_experiment, tmp_path):
+    copy = tmp_path / "e"
+    shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras"))
+    for name in ("history.json", "evaluation.json"):  # as if nn's node was lost mid-epoch
+        os.remove(copy / "runs" / "nn" / name)
+    epochs = [json.dumps({"epoch": e, "val_balanced_accuracy": 0.2 + e / 10, "images_per_second": 50.0})
+              for e in (1, 2)]
+    result = copy / "tune" / "nn" / "result.json"
+    result.parent.mkdir(parents=True)
+    result.write_text("\n".join(epochs) + '\n{"epoch": 3, "val_bal')  # the node died mid-append
+    table, _, histories, _ = collect(str(copy))
+    assert [h["epoch"] for h in histories["nn"]] == [1, 2]
+    assert table.set_index("model").loc["nn", "status"] == "interrupted"
+    result.write_text(epochs[0] + '\n{"epoch": 2, "val_bal\n' + epochs[1] + "\n")
+    with pytest.raises(ReportError, match=r"tune/nn/result.json, line 2: not readable JSON"):
+        collect(str(copy))
+
+
 def test_a_report_without_the_best_model_file_says_it_was_not_exported(smoke_experiment, tmp_path):
     copy = tmp_path / "e"
     shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras"))
@@ -229,12 +247,15 @@ def test_patience_gives_way_to_a_variants_own(synthetic_store, tmp_path):
     ({"a:b": "mobilenet"}, {}, "variant name 'a:b'"),
     ({"mobilenet_x": "mobilenet"}, {}, "mobilenet_x would train their architecture unchanged"),
     ({}, {"mobilnet:alpha": "0.75"}, "mobilnet:alpha.*no model or variant named 'mobilnet'"),
+    # resnet50 is not among --models here, but a bad field for it is still a typo
+    ({}, {"resnet50:learning_rat": "0.1"}, "override for resnet50: unknown Recipe field 'learning_rat'"),
+    ({"mobilenet_x": "mobilenet"}, {"mobilenet_x:epochs": "many"}, "override for mobilenet_x: epochs='many'"),
 ])
 def test_bad_variants_and_override_prefixes_are_errors_before_anything_runs(
         synthetic_store, tmp_path, variants, overrides, message):
     with pytest.raises(ValueError, match=message):
         run_comparison(Comparison(data=synthetic_store, storage=str(tmp_path), name="x", profile="smoke",
-                                  variants=variants, overrides=overrides))
+                                  models=("nn",), variants=variants, overrides=overrides))
     assert not os.listdir(tmp_path)
 
 
@@ -255,6 +276,10 @@ def test_train_rejects_an_override_prefix_that_names_no_model(synthetic_store, t
             "--set", "mobilnet:alpha=0.75"]
     assert cli_main(args) == 2
     assert "no model named 'mobilnet'" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+    args[-1] = "mobilenet:alpha=wide"  # mobilenet is not trained here, but the typo is still named
+    assert cli_main(args) == 2
+    assert "override for mobilenet: alpha='wide': cannot be read as" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
 
 

@@ -87,7 +87,7 @@ class Comparison:
 
 def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
     """One resolved TrainRun per trial, keyed by trial name: the chosen architectures, then the variants."""
-    from skincluster.models import list_models
+    from skincluster.models import get_recipe, list_models
 
     models = tuple(dict.fromkeys(spec.models)) or tuple(list_models())  # once each, in the given order
     unknown = [m for m in (*models, *spec.variants.values()) if m not in list_models()]
@@ -97,7 +97,8 @@ def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
     if clashes:
         raise ValueError(f"variant name(s) {', '.join(clashes)} are architecture names; name a variant after "
                          "what sets it apart, e.g. mobilenet_unweighted")
-    check_override_prefixes(spec.overrides, [*list_models(), *spec.variants], "model or variant")
+    prefixes = {**{m: m for m in list_models()}, **spec.variants}  # every architecture, not only those run
+    check_override_prefixes(spec.overrides, {p: get_recipe(m) for p, m in prefixes.items()}, "model or variant")
     alike = [v for v in spec.variants if not prefixed_overrides(spec.overrides, v)]
     if alike:
         raise ValueError(f"variant(s) {', '.join(alike)} would train their architecture unchanged; "

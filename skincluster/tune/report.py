@@ -71,13 +71,20 @@ def _tune_history(fs, root: str, model: str) -> list[dict[str, Any]]:
     path = f"{root}/tune/{model}/result.json"
     if not storage.exists(fs, path):
         return []
+    text = storage.read_bytes(fs, path).decode(errors="replace")
+    lines = text.splitlines()
     rows = []
-    for number, line in enumerate(storage.read_bytes(fs, path).decode(errors="replace").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except ValueError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                # Tune appends one line per epoch; a node lost mid-append leaves
+                # the last one torn. The epochs before it are whole and are what
+                # an interrupted trial's curve is drawn from.
+                break
             raise ReportError(f"{path}, line {number}: not readable JSON ({exc})") from None
     return [r for r in rows if isinstance(r, dict) and "epoch" in r]
 
