@@ -18,6 +18,7 @@ from sklearn import metrics as skm
 
 from skincluster.config import CLASS_NAMES
 from skincluster.train.metrics import BalancedAccuracy, LabelAccuracy, evaluate_predictions
+from skincluster.train.evaluate import format_summary
 
 REPO = Path(__file__).resolve().parents[1]
 K = len(CLASS_NAMES)
@@ -185,6 +186,22 @@ def test_evaluate_predictions_with_absent_classes_is_nan_free():
     assert report["balanced_accuracy"] == pytest.approx(sklearn_balanced_accuracy(labels, probabilities))
     assert np.array(report["confusion_matrix"])[[mel, df]].sum() == 0
     assert report["log_loss"] == pytest.approx(skm.log_loss(labels, probabilities, labels=list(range(K))), rel=1e-5)
+
+
+def test_evaluate_predictions_names_diverged_rows():
+    labels, probabilities = random_predictions(10, seed=0)
+    probabilities[4] = np.nan
+    with pytest.raises(ValueError, match=r"1 of 10 rows .* NaN.*row 4\): the model diverged"):
+        evaluate_predictions(labels, probabilities, CLASS_NAMES)
+
+
+def test_summary_of_a_test_split_without_melanoma_says_n_a():
+    mel = CLASS_NAMES.index("mel")
+    labels, probabilities = random_predictions(60, seed=5, absent=(mel,))
+    evaluation = {**evaluate_predictions(labels, probabilities, CLASS_NAMES),
+                  "val": evaluate_predictions(labels, probabilities, CLASS_NAMES)}
+    summary = format_summary("nn", evaluation)  # raised TypeError on None, after the run had finished
+    assert "MELANOMA RECALL n/a" in summary
 
 
 def test_evaluate_predictions_rejects_mismatched_shapes():

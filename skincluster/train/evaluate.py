@@ -35,13 +35,18 @@ def evaluate_model(model, store: Store, limit: int | None, seed: int) -> dict[st
     return result
 
 
+def _score(value: float | None) -> str:
+    """None where a test split cannot define the metric (no melanoma image: no recall)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def format_summary(name: str, evaluation: dict[str, Any]) -> str:
     """A few lines for the console; melanoma recall is called out on its own line."""
     e = evaluation
     lines = [
         f"{name}: test accuracy {e['accuracy']:.3f}  balanced accuracy {e['balanced_accuracy']:.3f}  "
-        f"macro-F1 {e['macro_f1']:.3f}  ROC AUC {e['roc_auc_ovr']:.3f}  (n={e['n']})",
-        f"{name}: MELANOMA RECALL {e['melanoma_recall']:.3f}  "
+        f"macro-F1 {e['macro_f1']:.3f}  ROC AUC {_score(e['roc_auc_ovr'])}  (n={e['n']})",
+        f"{name}: MELANOMA RECALL {_score(e['melanoma_recall'])}  "
         f"(val balanced accuracy {e['val']['balanced_accuracy']:.3f})",
     ]
     if e.get("leaky_split"):

@@ -140,10 +140,15 @@ def evaluate_predictions(
     # Softmax outputs in float32 sum to 1 only within ~1e-6; sklearn's log_loss
     # rejects rows that do not sum to 1 at float64 precision.
     probs = np.asarray(probabilities, dtype=np.float64)
-    probs = probs / probs.sum(axis=1, keepdims=True)
     num_classes = len(class_names)
     if probs.shape != (len(labels), num_classes):
         raise ValueError(f"probabilities must have shape ({len(labels)}, {num_classes}), got {probs.shape}")
+    broken = np.flatnonzero(~np.isfinite(probs).all(axis=1) | (probs.sum(axis=1) <= 0))
+    if len(broken):
+        # sklearn would say only "Input contains NaN", after a whole run.
+        raise ValueError(f"{len(broken)} of {len(probs)} rows of predicted probabilities are NaN, infinite or all "
+                         f"zero (first: row {broken[0]}): the model diverged; try a lower learning_rate")
+    probs = probs / probs.sum(axis=1, keepdims=True)
     predicted = probs.argmax(axis=1)
     all_classes = list(range(num_classes))
 

@@ -365,8 +365,8 @@ def _report_markdown(experiment, table, results_md, histories, evaluations, best
         e = evaluations[best]
         lines += [
             f"**Best model (by validation balanced accuracy): `{best}`** — test balanced accuracy "
-            f"{e['balanced_accuracy']:.3f}, accuracy {e['accuracy']:.3f}, melanoma recall {e['melanoma_recall']:.3f}, "
-            f"macro ROC AUC {e['roc_auc_ovr']:.3f}. "
+            f"{e['balanced_accuracy']:.3f}, accuracy {e['accuracy']:.3f}, melanoma recall {_fmt(e['melanoma_recall'])}, "
+            f"macro ROC AUC {_fmt(e['roc_auc_ovr'])}. "
             + ("Exported as `best/model.keras`." if exported
                else f"Not exported: `runs/{best}/model.keras` is missing from the experiment folder."),
             "",
