@@ -398,17 +398,18 @@ def check_override_prefixes(overrides: dict[str, Any], recipes: Mapping[str, Rec
     --config file), would otherwise apply to nothing without a word. `what`
     names the kind of prefix in the message ("model", "model or variant").
     """
-    for key in overrides:
-        prefix = key.split(":", 1)[0] if ":" in key else None
-        if prefix is not None and prefix not in recipes:
-            raise ValueError(f"override {key!r}: no {what} named {prefix!r}; known: {', '.join(recipes)}")
-    for prefix, recipe in recipes.items():
-        own = prefixed_overrides(overrides, prefix)
-        if own:
-            try:
-                replace_fields(recipe, own)
-            except ValueError as exc:
-                raise ValueError(f"override for {prefix}: {exc}") from None
+    by_prefix: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        if ":" in key:
+            prefix, name = key.split(":", 1)
+            if prefix not in recipes:
+                raise ValueError(f"override {key!r}: no {what} named {prefix!r}; known: {', '.join(recipes)}")
+            by_prefix.setdefault(prefix, {})[name] = value
+    for prefix, own in by_prefix.items():
+        try:
+            replace_fields(recipes[prefix], own)
+        except ValueError as exc:
+            raise ValueError(f"override for {prefix}: {exc}") from None
 
 
 def load_overrides(path: str) -> dict[str, Any]:

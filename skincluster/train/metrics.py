@@ -143,12 +143,13 @@ def evaluate_predictions(
     num_classes = len(class_names)
     if probs.shape != (len(labels), num_classes):
         raise ValueError(f"probabilities must have shape ({len(labels)}, {num_classes}), got {probs.shape}")
-    broken = np.flatnonzero(~np.isfinite(probs).all(axis=1) | (probs.sum(axis=1) <= 0))
+    totals = probs.sum(axis=1, keepdims=True)
+    broken = np.flatnonzero(~np.isfinite(probs).all(axis=1) | (totals[:, 0] <= 0))
     if len(broken):
         # sklearn would say only "Input contains NaN", after a whole run.
         raise ValueError(f"{len(broken)} of {len(probs)} rows of predicted probabilities are NaN, infinite or all "
                          f"zero (first: row {broken[0]}): the model diverged; try a lower learning_rate")
-    probs = probs / probs.sum(axis=1, keepdims=True)
+    probs = probs / totals
     predicted = probs.argmax(axis=1)
     all_classes = list(range(num_classes))
 
