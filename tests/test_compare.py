@@ -313,6 +313,28 @@ def test_asha_compares_variants_of_one_architecture(synthetic_store, tmp_path, r
     assert json.load(open(os.path.join(experiment, "experiment.json")))["comparison"]["variants"] == spec.variants
 
 
+def test_asha_judges_a_resumed_trial_by_its_epoch():
+    """A trial restarted after the driver died resumes its Train checkpoint at
+    epoch 6, while Tune's iteration count starts again at 1: ASHA must see
+    that it is past the epoch-5 rung and stop it there when it is worse."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from skincluster.tune.compare import METRIC, _scheduler
+
+    runs = {m: SimpleNamespace(recipe=SimpleNamespace(epochs=10)) for m in ("a", "b")}
+    scheduler = _scheduler(SimpleNamespace(scheduler="asha"), runs)
+    good, better, resumed = (Trial("__fake", trial_id=t, stub=True) for t in ("good", "better", "resumed"))
+    for trial in (good, better, resumed):
+        scheduler.on_trial_add(None, trial)
+    for trial, score in ((good, 0.8), (better, 0.9)):
+        for epoch in range(1, 6):
+            scheduler.on_trial_result(None, trial, {"epoch": epoch, "training_iteration": epoch, METRIC: score})
+    decision = scheduler.on_trial_result(None, resumed, {"epoch": 6, "training_iteration": 1, METRIC: 0.1})
+    assert decision == "STOP"
+
+
 def test_concurrency_follows_free_resources():
     one = Scaling(workers=1, cpus_per_worker=1)
     assert concurrent_trials(one, {"CPU": 2}) == 1

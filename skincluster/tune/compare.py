@@ -254,7 +254,11 @@ def _scheduler(spec: Comparison, runs: dict[str, TrainRun]):
         return FIFOScheduler()
     if spec.scheduler == "asha":
         return ASHAScheduler(
-            time_attr="training_iteration",
+            # The epoch, not Tune's training_iteration: a trial restarted after the
+            # driver died resumes its Train checkpoint at epoch k+1, but its
+            # iteration count starts again at 1, so ASHA would judge it at the
+            # wrong rungs.
+            time_attr="epoch",
             metric=METRIC,
             mode="max",
             # One past the longest budget: a trial that completes its epochs must end
