@@ -94,18 +94,42 @@ def test_an_unfinished_run_is_resumed_only_with_its_own_settings(synthetic_store
     assert json.loads(config.read_text())["recipe"]["ema_decay"] == 0.99
 
 
+def test_checkpoints_of_the_other_mode_guard_the_settings_too(synthetic_store, tmp_path, local_result):
+    """A Ray run's checkpoints in the folder: a --local run with other settings
+    must not replace config.json, or the Ray run resumed later would mix them."""
+    run = _run(synthetic_store, tmp_path, "mixed", overrides={"epochs": 3})
+    _write_config(run, resumes=False)
+    os.makedirs(tmp_path / "mixed" / "checkpoint_epoch_0001")  # what a killed Ray Train run leaves
+    other = _run(synthetic_store, tmp_path, "mixed", overrides={"epochs": 3, "learning_rate": 0.01})
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(recipe.learning_rate .* -> 0.01\)"):
+        run_local(other, verbose=0)
+    assert json.loads((tmp_path / "mixed" / "config.json").read_text())["recipe"]["epochs"] == 3
+
+
+def test_the_worker_refuses_a_checkpoint_of_other_settings(local_result, tmp_path):
+    """The last guard, whatever config.json says: state.json records the run that wrote it."""
+    from skincluster.train.context import LocalContext
+    from skincluster.train.worker import run_worker
+
+    shutil.copytree(os.path.join(local_result.run_dir, "checkpoints"), tmp_path / "checkpoints")
+    run = local_result.run
+    other = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, batch_size=8))
+    ctx = LocalContext(str(tmp_path), run.data.store, run.data.limit, run.data.seed)
+    with pytest.raises(RuntimeError, match=r"epoch_0003 was written by a run with other settings "
+                                           r"\(recipe.batch_size 16 -> 8\)"):
+        run_worker(other, ctx, verbose=0)
+
+
 def test_local_mode_is_deterministic_for_a_seed(local_result, tmp_path):
     run = dataclasses.replace(local_result.run, storage=str(tmp_path))
     twin = run_local(run, verbose=0)
     assert [h["loss"] for h in twin.history] == pytest.approx([h["loss"] for h in local_result.history], rel=1e-5)
 
 
-def _kill_at_epoch_3_and_rerun(store, tmp_path, name, overrides):
-    """Train `name` in a subprocess that dies at the start of epoch 3, check
-    it reported epochs 1-2, run the same command again; return the rerun's
-    reported epochs and history."""
+def _killable_script(store, tmp_path, name, overrides):
+    """Python code training `name` locally; it dies at the start of epoch 3 once (a marker file remembers)."""
     marker = tmp_path / f"{name}-fail-once.marker"
-    script = textwrap.dedent(
+    return textwrap.dedent(
         f"""
         import dataclasses, sys
         from skincluster.train.launch import resolve_run, run_local
@@ -115,11 +139,25 @@ def _kill_at_epoch_3_and_rerun(store, tmp_path, name, overrides):
         run_local(run, verbose=0)
         """
     )
+
+
+def _kill_at_epoch_3(store, tmp_path, name, overrides):
+    """Train `name` in a subprocess that dies at the start of epoch 3; check it
+    reported epochs 1-2; return the script, which a rerun continues with."""
+    script = _killable_script(store, tmp_path, name, overrides)
     first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert first.returncode == 17, first.stderr[-2000:]
-    assert marker.exists()
+    assert (tmp_path / f"{name}-fail-once.marker").exists()
     reported = [json.loads(line)["epoch"] for line in open(tmp_path / name / "metrics.jsonl")]
     assert reported == [1, 2]
+    return script
+
+
+def _kill_at_epoch_3_and_rerun(store, tmp_path, name, overrides):
+    """Train `name` in a subprocess that dies at the start of epoch 3, check
+    it reported epochs 1-2, run the same command again; return the rerun's
+    reported epochs and history."""
+    script = _kill_at_epoch_3(store, tmp_path, name, overrides)
     second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     reported = [json.loads(line)["epoch"] for line in open(tmp_path / name / "metrics.jsonl")]
@@ -131,6 +169,36 @@ def test_local_run_resumes_after_being_killed(synthetic_store, tmp_path):
     reported, history = _kill_at_epoch_3_and_rerun(synthetic_store, tmp_path, "killed", {"epochs": 4})
     assert reported == [1, 2, 3, 4]  # epochs 1-2 not redone
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(synthetic_store, tmp_path):
+    """Power lost just after a checkpoint was renamed into place can leave its
+    files empty; the run resumes from the previous kept checkpoint instead, and
+    a half-copied ``.tmp`` folder is never taken for a checkpoint."""
+    name = "torn"
+    script = _kill_at_epoch_3(synthetic_store, tmp_path, name, {"epochs": 4})
+    checkpoints = tmp_path / name / "checkpoints"
+    (checkpoints / "epoch_0002" / "state.json").write_text("")
+    os.makedirs(checkpoints / "epoch_0003.tmp")
+    rerun = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"not resuming from {checkpoints / 'epoch_0002'}: state.json is unreadable" in rerun.stderr
+    reported = [json.loads(line)["epoch"] for line in open(tmp_path / name / "metrics.jsonl")]
+    assert reported == [1, 2, 2, 3, 4]  # epoch 2 redone from epoch 1's checkpoint
+    assert [h["epoch"] for h in json.load(open(tmp_path / name / "history.json"))] == [1, 2, 3, 4]
+
+
+def test_no_readable_checkpoint_is_an_error_naming_the_folder(local_result, tmp_path):
+    from skincluster.train.context import LocalContext
+
+    shutil.copytree(os.path.join(local_result.run_dir, "checkpoints"), tmp_path / "checkpoints")
+    for state in (tmp_path / "checkpoints").glob("epoch_*/state.json"):
+        state.write_text('{"history": []}')
+    run = local_result.run
+    ctx = LocalContext(str(tmp_path), run.data.store, run.data.limit, run.data.seed)
+    with pytest.raises(RuntimeError, match=r"no checkpoint in .*checkpoints can be resumed"):
+        with ctx.latest_checkpoint():
+            pass
 
 
 def _resumed_equals_whole(store, tmp_path, name, overrides):

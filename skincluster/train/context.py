@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Iterator, Protocol
 
@@ -17,6 +18,11 @@ import numpy as np
 
 from skincluster.data import pipeline
 from skincluster.data.store import open_store
+
+#: A local run's checkpoint folder, under its run folder.
+CHECKPOINTS = "checkpoints"
+#: The worker's record of a checkpoint (epoch, history, callback state, the run's settings).
+STATE_FILE = "state.json"
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 
@@ -75,7 +81,7 @@ class LocalContext:
 
     def __init__(self, run_dir: str, store_uri: str, limit: int | None, seed: int) -> None:
         self.run_dir = run_dir
-        self.checkpoints = os.path.join(run_dir, "checkpoints")
+        self.checkpoints = os.path.join(run_dir, CHECKPOINTS)
         os.makedirs(self.checkpoints, exist_ok=True)
         store = open_store(store_uri)
         self._arrays = {s: pipeline.read_arrays(store, s, limit, seed) for s in ("train", "val")}
@@ -86,13 +92,27 @@ class LocalContext:
         return pipeline.array_batches(images, labels, batch_size, shuffle_seed=shuffle_seed, drop_last=drop_last)
 
     def _checkpoint_dirs(self) -> list[str]:
-        names = sorted(n for n in os.listdir(self.checkpoints) if n.startswith("epoch_") and ".tmp" not in n)
-        return [os.path.join(self.checkpoints, n) for n in names]
+        return local_checkpoint_dirs(self.run_dir)
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
+        """The newest checkpoint whose state is readable.
+
+        A checkpoint is complete once renamed from ``.tmp``, but its files may
+        still be torn if the machine lost power before they reached the disk;
+        the one before it (two are kept) is then the place to resume from.
+        """
         dirs = self._checkpoint_dirs()
-        yield dirs[-1] if dirs else None
+        for path in reversed(dirs):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                yield path
+                return
+            print(f"skincluster: not resuming from {path}: {problem}", file=sys.stderr, flush=True)
+        if dirs:
+            raise RuntimeError(f"no checkpoint in {self.checkpoints} can be resumed (see above); "
+                               "move that folder away to start the run afresh")
+        yield None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
@@ -107,6 +127,30 @@ class LocalContext:
             os.replace(tmp, final)
             for old in self._checkpoint_dirs()[: -self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def local_checkpoint_dirs(run_dir: str) -> list[str]:
+    """A local run's finished checkpoints, oldest first (not the ``.tmp`` copy of one being written)."""
+    folder = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(folder):
+        return []
+    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
+    return [os.path.join(folder, n) for n in names]
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the worker could not resume from the checkpoint folder `path`, or None."""
+    state_file = os.path.join(path, STATE_FILE)
+    try:
+        with open(state_file, encoding="utf-8") as fh:
+            state = json.load(fh)
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"{STATE_FILE} is unreadable ({exc})"
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        return f"{STATE_FILE} holds no epoch"
+    return None
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ Driver-side code only; the per-worker loop is in `worker.py`. A run's folder
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from skincluster.config import (
 )
 from skincluster.data.splits import SPLITS
 from skincluster.data.store import Store, StoreError, open_store
+from skincluster.train.context import local_checkpoint_dirs
 
 #: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
 DATA_CPU_RESERVE = 0.5
@@ -150,7 +150,9 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
     else:
         work_dir = run_dir
     os.makedirs(work_dir, exist_ok=True)
-    _write_config(run, resumes=bool(glob.glob(os.path.join(work_dir, "checkpoints", "epoch_*"))))
+    # Checkpoints of either mode count: Ray's would be resumed by a later run
+    # without --local under the config.json written here.
+    _write_config(run, resumes=bool(local_checkpoint_dirs(work_dir)) or _has_ray_checkpoints(run_dir))
     ctx = LocalContext(work_dir, run.data.store, run.data.limit, run.data.seed)
     history = run_worker(run, ctx, verbose=verbose)
     with ctx.latest_checkpoint() as checkpoint:
@@ -168,14 +170,15 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
     from ray.train.tensorflow import TensorflowTrainer
 
     from skincluster.data.pipeline import ray_datasets
-    from skincluster.train.worker import FINAL_MODEL, STATE_FILE, train_loop_per_worker
+    from skincluster.train.context import STATE_FILE
+    from skincluster.train.worker import FINAL_MODEL, train_loop_per_worker
 
     done = finished_result(run)
     if done:
         return done
     ensure_ray()
     check_resources(run.scaling)
-    _write_config(run, resumes=_has_ray_checkpoints(run_dir_of(run)))
+    _write_config(run, resumes=_has_ray_checkpoints(run_dir_of(run)) or bool(local_checkpoint_dirs(run_dir_of(run))))
     store = open_store(run.data.store)
     datasets = ray_datasets(store, ("train", "val"), run.data.limit, run.data.seed)
     scaling = run.scaling

@@ -21,13 +21,12 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from skincluster.config import IMAGE_SHAPE, TrainRun
+from skincluster.config import IMAGE_SHAPE, TrainRun, changed_settings
 from skincluster.data.pipeline import mixup_batches
 from skincluster.models.training import WeightAverage
-from skincluster.train.context import RunContext, scratch_dir
+from skincluster.train.context import STATE_FILE, RunContext, checkpoint_problem, scratch_dir
 
 FINAL_MODEL = "model.keras"
-STATE_FILE = "state.json"
 WEIGHTS_PREFIX = "tf_ckpt"
 BEST_WEIGHTS = "best_weights.npz"
 #: With Recipe.ema_decay, the checkpointed model holds the weight average (it
@@ -72,7 +71,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
     best_weights = None
     with ctx.latest_checkpoint() as path:
         if path:
-            state = _read_state(path)
+            state = _read_state(path, run)
             state["restarts"] += 1
             checkpoint.read(os.path.join(path, WEIGHTS_PREFIX)).expect_partial()
             if os.path.exists(os.path.join(path, BEST_WEIGHTS)):
@@ -265,10 +264,20 @@ def _callback_of(callbacks: list[keras.callbacks.Callback], kind: type) -> Any:
     return next((c for c in callbacks if isinstance(c, kind)), None)
 
 
-def _read_state(path: str) -> dict[str, Any]:
+def _read_state(path: str, run: TrainRun) -> dict[str, Any]:
+    """The checkpoint's state, refused if it was written by a run with other
+    result settings (launch checks config.json first; this is the last guard,
+    for a folder whose config.json was rewritten by a run of another mode)."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise RuntimeError(f"cannot resume from the checkpoint {path}: {problem}")
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
         state = json.load(fh)
-    state.pop("run", None)
+    written_by = state.pop("run", None)
+    changed = changed_settings(written_by, run) if isinstance(written_by, dict) else []
+    if changed:
+        raise RuntimeError(f"the checkpoint {path} was written by a run with other settings ({'; '.join(changed)}); "
+                           "run the same command as before to resume it, or use another --name or --storage")
     return state
 
 
