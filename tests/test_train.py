@@ -257,7 +257,8 @@ def test_two_worker_run_survives_a_killed_worker(synthetic_store, tmp_path, ray_
         synthetic_store,
         tmp_path,
         "two-workers",
-        overrides={"epochs": 3},
+        # A budget that is never reached: the workers still vote on it every epoch.
+        overrides={"epochs": 3, "time_budget_minutes": 60},
         scaling=Scaling(workers=2, cpus_per_worker=0.5, max_failures=1),
     )
     run = dataclasses.replace(run, fail_at_epoch=2, fail_rank=1, fail_marker=str(marker))
@@ -271,6 +272,37 @@ def test_two_worker_run_survives_a_killed_worker(synthetic_store, tmp_path, ray_
     # 2 replicas x 16 = 32 (one full batch, the rest dropped), which tf.distribute
     # splits into per-replica batches of 16: two steps of 16 per worker.
     assert result.history[0]["steps"] == 2
+
+
+def test_workers_agree_on_a_decision_taken_from_their_own_clocks(tmp_path):
+    """any_replica under MultiWorkerMirroredStrategy in two processes (as Ray
+    Train starts them): a time-budget stop wanted by one worker only stops
+    both, or the other would wait for ever in its next all-reduce."""
+    import socket
+
+    script = textwrap.dedent(
+        """
+        import json, os, sys
+        rank, ports = int(sys.argv[1]), sys.argv[2].split(",")
+        os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                                              "task": {"type": "worker", "index": rank}})
+        from skincluster.train.strategy import any_replica, choose_strategy
+        strategy = choose_strategy(world_size=2)
+        print(json.dumps([any_replica(strategy, rank == 1), any_replica(strategy, False), any_replica(strategy, True)]))
+        """
+    )
+    sockets = [socket.socket() for _ in range(2)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = ",".join(str(sock.getsockname()[1]) for sock in sockets)
+    for sock in sockets:
+        sock.close()
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(rank), ports], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [worker.communicate(timeout=180) for worker in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1]) == [True, False, True]
 
 
 def test_time_budget_stops_after_the_epoch_that_would_overrun_it(synthetic_store, tmp_path):

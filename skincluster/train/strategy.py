@@ -38,3 +38,22 @@ def choose_strategy(world_size: int) -> tf.distribute.Strategy:
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def any_replica(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """Whether `flag` is True on any replica of any worker; the same answer on all.
+
+    A collective: every worker must call it, at the same point of training.
+    It is how workers agree on a decision taken from their own clocks (the
+    time budget): one that stopped while another went on would leave the other
+    waiting for ever in the next epoch's all-reduce.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return flag
+
+    def vote():
+        context = tf.distribute.get_replica_context()
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.constant(1.0 if flag else 0.0))
+
+    votes = strategy.experimental_local_results(tf.function(lambda: strategy.run(vote))())
+    return float(votes[0]) > 0

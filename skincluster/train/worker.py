@@ -25,6 +25,7 @@ from skincluster.config import IMAGE_SHAPE, TrainRun, changed_settings
 from skincluster.data.pipeline import mixup_batches
 from skincluster.models.training import WeightAverage
 from skincluster.train.context import STATE_FILE, RunContext, checkpoint_problem, scratch_dir
+from skincluster.train.strategy import any_replica, choose_strategy
 
 FINAL_MODEL = "model.keras"
 WEIGHTS_PREFIX = "tf_ckpt"
@@ -48,7 +49,6 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
     """Train `run` to its epoch budget (or early stop); return the per-epoch history."""
     from skincluster.models import compile_model, create_model, set_precision
     from skincluster.models.training import build_callbacks, class_weights
-    from skincluster.train.strategy import choose_strategy
 
     strategy = choose_strategy(ctx.world_size)
     set_precision(run.recipe)
@@ -217,10 +217,12 @@ class EpochReporter(keras.callbacks.Callback):
         metrics["stopped_early"] = bool(self.model.stop_training)
         metrics["stopped_by_time_budget"] = False
         budget = self.run.recipe.time_budget_minutes
-        if budget is not None and not self.model.stop_training:
+        if budget is not None:
             spent = sum(h["epoch_seconds"] for h in self.state["history"]) + seconds
-            # Stop when another epoch like this one would overrun the budget.
-            if spent + seconds > budget * 60:
+            # Stop when another epoch like this one would overrun the budget. Each
+            # worker times itself, so the workers vote: all stop if any would.
+            overrun = not self.model.stop_training and spent + seconds > budget * 60
+            if any_replica(self.model.distribute_strategy, overrun):
                 self.model.stop_training = True
                 metrics["stopped_by_time_budget"] = True
         final = bool(self.model.stop_training) or epoch + 1 >= self.run.recipe.epochs
