@@ -120,6 +120,23 @@ def test_the_worker_refuses_a_checkpoint_of_other_settings(local_result, tmp_pat
         run_worker(other, ctx, verbose=0)
 
 
+def test_a_store_ingested_again_since_the_run_was_set_up_is_refused(synthetic_store, tmp_path):
+    """A comparison resolves its trials at the start; a re-ingest with other
+    splits before a later trial starts would give it another test set."""
+    from skincluster.data.ingest import IngestOptions, ingest
+    from skincluster.data.store import StoreError
+
+    source, store = os.path.join(os.path.dirname(synthetic_store), "source"), str(tmp_path / "store")
+    ingest(source, store, IngestOptions(), log=lambda *_: None)
+    run = resolve_run("nn", store, storage_dir=str(tmp_path / "runs"), name="moved", profile="smoke",
+                      overrides={"epochs": 1})
+    ingest(source, store, IngestOptions(seed=1), log=lambda *_: None)
+    with pytest.raises(StoreError, match=r"store has changed since run 'moved' was set up from it \(channel_mean, "
+                                         r"channel_std, train_class_counts differ\)"):
+        run_local(run, verbose=0)
+    assert not os.path.exists(tmp_path / "runs" / "moved")  # refused before anything was written
+
+
 def test_local_mode_is_deterministic_for_a_seed(local_result, tmp_path):
     run = dataclasses.replace(local_result.run, storage=str(tmp_path))
     twin = run_local(run, verbose=0)

@@ -83,7 +83,6 @@ def resolve_run(
     recipe = replace_fields(recipe, prof.model_overrides.get(model, {}))
     recipe = replace_fields(recipe, overrides_for_model(overrides or {}, model))
     limit = limit if limit is not None else prof.limit
-    counts = store.manifest["counts"]["train"]
     # Absolute, so the run reads and writes the same folders from any process.
     store_uri, storage_dir = storage.absolute(store_uri), storage.absolute(storage_dir)
     return TrainRun(
@@ -94,11 +93,37 @@ def resolve_run(
         profile=profile,
         storage=storage_dir,
         name=name if name is not None else f"{model}-{profile}",  # "" is an error, not the default
-        class_names=tuple(store.class_names),
-        channel_mean=tuple(store.channel_mean),
-        channel_std=tuple(store.channel_std),
-        train_class_counts=tuple(int(counts[c]) for c in store.class_names),
+        **_store_facts(store),
     )
+
+
+def _store_facts(store: Store) -> dict[str, tuple]:
+    """What a run takes from its store's manifest (TrainRun fields)."""
+    counts = store.manifest["counts"]["train"]
+    return {
+        "class_names": tuple(store.class_names),
+        "channel_mean": tuple(store.channel_mean),
+        "channel_std": tuple(store.channel_std),
+        "train_class_counts": tuple(int(counts[c]) for c in store.class_names),
+    }
+
+
+def open_run_store(run: TrainRun) -> Store:
+    """The run's store, refused if it is no longer the store the run was set up
+    from: a comparison resolves every trial at its start, and a store ingested
+    again since (other splits or images) would give later trials other training
+    and test sets than earlier ones, or a resumed run other data than its first
+    epochs saw."""
+    store = open_store(run.data.store)
+    now = _store_facts(store)
+    if not run.train_class_counts:  # a config.json written before the counts were recorded
+        now.pop("train_class_counts")
+    changed = [key for key, value in now.items() if getattr(run, key) != value]
+    if changed:
+        raise StoreError(f"{run.data.store} has changed since run {run.name!r} was set up from it ({', '.join(changed)} "
+                         "differ): it was ingested again with other images or splits; start the run (or comparison) "
+                         "again, under another --name")
+    return store
 
 
 @dataclass
@@ -137,6 +162,7 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
     done = finished_result(run)
     if done:
         return done
+    open_run_store(run)
     run_dir = run_dir_of(run)
     if storage.is_uri(run_dir):
         # Checkpoints need a local folder; results are copied to the URI at the end. The
@@ -178,8 +204,8 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
         return done
     ensure_ray()
     check_resources(run.scaling)
+    store = open_run_store(run)
     _write_config(run, resumes=_has_ray_checkpoints(run_dir_of(run)) or bool(local_checkpoint_dirs(run_dir_of(run))))
-    store = open_store(run.data.store)
     datasets = ray_datasets(store, ("train", "val"), run.data.limit, run.data.seed)
     scaling = run.scaling
     resources = {"CPU": scaling.cpus_per_worker}
@@ -359,7 +385,7 @@ def _finish(run: TrainRun, history: list[dict[str, Any]], model_path: str) -> Ru
     from skincluster.train.evaluate import evaluate_model
 
     model = load_model(model_path)
-    store = open_store(run.data.store)
+    store = open_run_store(run)
     evaluation = evaluate_model(model, store, run.data.limit, run.data.seed)
     evaluation.update(model=run.model, epochs_run=len(history), epoch_budget=run.recipe.epochs)
     fs, path = storage.resolve(run_dir_of(run))
