@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -143,6 +144,47 @@ def test_local_training_reads_and_writes_s3(s3_store, s3_module_env, tmp_path, m
     import tempfile
 
     assert glob.glob(os.path.join(tempfile.gettempdir(), "skincluster-local", "nn-s3*")) == []
+
+
+def test_local_run_to_s3_resumes_on_a_new_node(s3_store, s3_module_env, tmp_path):
+    """A --local run to a bucket keeps its checkpoints on the node but mirrors
+    them to the bucket: killed at epoch 3 and restarted where the node's
+    folder is gone (another node), it resumes from epoch 2's checkpoint."""
+    import glob
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    name = s3_module_env.new_bucket("resume")  # unique: the node folder is found by its name
+    runs = f"s3://{name}/runs"
+    marker = tmp_path / "fail-once.marker"
+    script = textwrap.dedent(
+        f"""
+        import dataclasses
+        from skincluster.train.launch import resolve_run, run_local
+        run = resolve_run("nn", {s3_store!r}, storage_dir={runs!r}, name={name!r}, profile="smoke",
+                          overrides={{"epochs": 4}})
+        run_local(dataclasses.replace(run, fail_at_epoch=3, fail_marker={str(marker)!r}), verbose=0)
+        """
+    )
+    first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 17, first.stderr[-2000:]
+    fs, path = storage.resolve(f"{runs}/{name}")
+    mirrored = fs.get_file_info(storage_selector(f"{path}/checkpoints"))
+    folders = {posixpath.basename(posixpath.dirname(f.path)) for f in mirrored if f.type == pafs.FileType.File}
+    assert sorted(folders) == ["epoch_0001", "epoch_0002"]
+    before = storage.read_json(fs, f"{path}/checkpoints/epoch_0002/state.json")["history"]
+    node_folders = glob.glob(os.path.join(tempfile.gettempdir(), "skincluster-local", f"{name}-*"))
+    assert len(node_folders) == 1
+    shutil.rmtree(node_folders[0])  # the node is gone, and its /tmp with it
+
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"fetched checkpoint {runs}/{name}/checkpoints/epoch_0002" in second.stderr
+    history = storage.read_json(fs, f"{path}/history.json")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[:2] == before  # epochs 1-2 as first trained (their timings too): not redone
 
 
 @pytest.mark.ray

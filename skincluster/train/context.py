@@ -15,7 +15,9 @@ import tempfile
 from typing import Any, Iterator, Protocol
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from skincluster import storage
 from skincluster.data import pipeline
 from skincluster.data.store import open_store
 
@@ -72,17 +74,24 @@ class LocalContext:
     """This process, no Ray: the store read with pyarrow, checkpoints in the run folder.
 
     Checkpoints are copied to ``<run>/checkpoints/epoch_NNNN`` through a
-    temporary name, and the two newest are kept, as the Ray run does.
+    temporary name, and the two newest are kept, as the Ray run does. A run
+    whose folder is a URI trains in a local `run_dir` and names its URI as
+    `mirror`: every checkpoint is also uploaded to ``<mirror>/checkpoints/``,
+    ``state.json`` last, and a `run_dir` without checkpoints (a new node after
+    the old one was lost) starts from the mirror's.
     """
 
     world_rank = 0
     world_size = 1
     keep_checkpoints = 2
 
-    def __init__(self, run_dir: str, store_uri: str, limit: int | None, seed: int) -> None:
+    def __init__(self, run_dir: str, store_uri: str, limit: int | None, seed: int, mirror: str | None = None) -> None:
         self.run_dir = run_dir
         self.checkpoints = os.path.join(run_dir, CHECKPOINTS)
         os.makedirs(self.checkpoints, exist_ok=True)
+        self.mirror = storage.join(mirror, CHECKPOINTS) if mirror else None
+        if self.mirror and not self._checkpoint_dirs():
+            self._download_mirror()
         store = open_store(store_uri)
         self._arrays = {s: pipeline.read_arrays(store, s, limit, seed) for s in ("train", "val")}
         self.reports: list[dict[str, Any]] = []
@@ -125,8 +134,39 @@ class LocalContext:
             shutil.copytree(checkpoint_dir, tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            if self.mirror:
+                self._upload(final)
             for old in self._checkpoint_dirs()[: -self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+                if self.mirror:
+                    fs, path = storage.resolve(storage.join(self.mirror, os.path.basename(old)))
+                    fs.delete_dir(path)
+
+    def _upload(self, checkpoint: str) -> None:
+        """Copy a checkpoint folder to the mirror; state.json, which marks it complete, goes last."""
+        fs, path = storage.resolve(storage.join(self.mirror, os.path.basename(checkpoint)))
+        fs.create_dir(path, recursive=True)
+        fs.delete_dir_contents(path)  # what an upload cut short left
+        for name in sorted(os.listdir(checkpoint), key=lambda n: n == STATE_FILE):
+            with open(os.path.join(checkpoint, name), "rb") as fh:
+                storage.write_bytes_atomic(fs, f"{path}/{name}", fh.read())
+
+    def _download_mirror(self) -> None:
+        """Fetch the mirror's complete checkpoints (those with a state.json) into `run_dir`."""
+        fs, path = storage.resolve(self.mirror)
+        folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        for folder in sorted(f.base_name for f in folders if f.type == pafs.FileType.Directory):
+            if not folder.startswith("epoch_") or not storage.exists(fs, f"{path}/{folder}/{STATE_FILE}"):
+                continue
+            tmp = os.path.join(self.checkpoints, folder + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for entry in fs.get_file_info(pafs.FileSelector(f"{path}/{folder}")):
+                if entry.type == pafs.FileType.File and ".tmp-" not in entry.base_name:
+                    with open(os.path.join(tmp, entry.base_name), "wb") as fh:
+                        fh.write(storage.read_bytes(fs, entry.path))
+            os.replace(tmp, os.path.join(self.checkpoints, folder))
+            print(f"skincluster: fetched checkpoint {storage.join(self.mirror, folder)}", file=sys.stderr, flush=True)
 
 
 def local_checkpoint_dirs(run_dir: str) -> list[str]:

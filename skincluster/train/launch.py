@@ -33,7 +33,7 @@ from skincluster.config import (
 )
 from skincluster.data.splits import SPLITS
 from skincluster.data.store import Store, StoreError, open_store
-from skincluster.train.context import local_checkpoint_dirs
+from skincluster.train.context import CHECKPOINTS, local_checkpoint_dirs
 
 #: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
 DATA_CPU_RESERVE = 0.5
@@ -178,8 +178,9 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
     os.makedirs(work_dir, exist_ok=True)
     # Checkpoints of either mode count: Ray's would be resumed by a later run
     # without --local under the config.json written here.
-    _write_config(run, resumes=bool(local_checkpoint_dirs(work_dir)) or _has_ray_checkpoints(run_dir))
-    ctx = LocalContext(work_dir, run.data.store, run.data.limit, run.data.seed)
+    _write_config(run, resumes=bool(local_checkpoint_dirs(work_dir)) or _has_checkpoints(run_dir))
+    ctx = LocalContext(work_dir, run.data.store, run.data.limit, run.data.seed,
+                       mirror=run_dir if work_dir != run_dir else None)
     history = run_worker(run, ctx, verbose=verbose)
     with ctx.latest_checkpoint() as checkpoint:
         result = _finish(run, history, os.path.join(checkpoint, FINAL_MODEL))
@@ -205,7 +206,7 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
     ensure_ray()
     check_resources(run.scaling)
     store = open_run_store(run)
-    _write_config(run, resumes=_has_ray_checkpoints(run_dir_of(run)) or bool(local_checkpoint_dirs(run_dir_of(run))))
+    _write_config(run, resumes=_has_checkpoints(run_dir_of(run)))
     datasets = ray_datasets(store, ("train", "val"), run.data.limit, run.data.seed)
     scaling = run.scaling
     resources = {"CPU": scaling.cpus_per_worker}
@@ -340,18 +341,23 @@ def _stored_config(run: TrainRun) -> dict[str, Any]:
     return stored
 
 
-def _has_ray_checkpoints(run_dir: str) -> bool:
-    """Whether a Ray Train run in `run_dir` left anything it would resume from."""
+def _has_checkpoints(run_dir: str) -> bool:
+    """Whether `run_dir` holds checkpoints a run would resume: Ray Train's
+    (``checkpoint_*``) or a local run's (``checkpoints/epoch_*``, also the
+    mirror of a local run to a URI)."""
     fs, path = storage.resolve(run_dir)
     entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return any(e.base_name.startswith("checkpoint_") for e in entries)
+    if any(e.base_name.startswith("checkpoint_") for e in entries):
+        return True
+    local = fs.get_file_info(pafs.FileSelector(f"{path}/{CHECKPOINTS}", allow_not_found=True))
+    return any(e.base_name.startswith("epoch_") and not e.base_name.endswith(".tmp") for e in local)
 
 
-def check_ray_resumable(run: TrainRun) -> None:
-    """Refuse `run` before anything starts if its folder holds Ray Train
-    checkpoints of a run with other result settings (compare checks every trial
-    with it, so a refusal does not come one failed trial at a time)."""
-    if _has_ray_checkpoints(run_dir_of(run)):
+def check_resumable(run: TrainRun) -> None:
+    """Refuse `run` before anything starts if its folder holds checkpoints of
+    a run with other result settings (compare checks every trial with it, so a
+    refusal does not come one failed trial at a time)."""
+    if _has_checkpoints(run_dir_of(run)):
         _check_same_settings(run)
 
 

@@ -34,7 +34,7 @@ from skincluster.train.launch import (
     DATA_CPU_RESERVE,
     ResourceError,
     RunFailed,
-    check_ray_resumable,
+    check_resumable,
     ensure_ray,
     resolve_run,
 )
@@ -171,7 +171,7 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     resuming = tune.Tuner.can_restore(tune_path)
     _check_same_trials(fs, path, spec, runs, resuming)
     for run in runs.values():  # also without Tune's state: the trials' own folders may hold checkpoints
-        check_ray_resumable(run)
+        check_resumable(run)
     fs.create_dir(path, recursive=True)
     storage.write_json_atomic(
         fs,
