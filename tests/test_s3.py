@@ -187,6 +187,26 @@ def test_local_run_to_s3_resumes_on_a_new_node(s3_store, s3_module_env, tmp_path
     assert history[:2] == before  # epochs 1-2 as first trained (their timings too): not redone
 
 
+def test_a_node_fetches_only_newer_complete_checkpoints_from_the_mirror(s3_store, s3_module_env, tmp_path):
+    """An old node whose folder still holds epoch 2, after the run went on
+    elsewhere to epoch 3 (and was cut off uploading epoch 4), resumes from 3."""
+    from skincluster.train.context import LocalContext
+
+    mirror = f"s3://{s3_module_env.new_bucket('mirror')}/run"
+    fs, path = storage.resolve(mirror)
+    for epoch, files in ((1, ("weights", "state.json")), (3, ("weights", "state.json")), (4, ("weights",))):
+        for name in files:
+            body = json.dumps({"epoch": epoch}) if name == "state.json" else f"weights of epoch {epoch}"
+            storage.write_bytes_atomic(fs, f"{path}/checkpoints/epoch_{epoch:04d}/{name}", body.encode())
+    node = tmp_path / "node" / "checkpoints" / "epoch_0002"
+    node.mkdir(parents=True)
+    (node / "state.json").write_text(json.dumps({"epoch": 2}))
+    ctx = LocalContext(str(tmp_path / "node"), s3_store, limit=8, seed=0, mirror=mirror)
+    assert sorted(os.listdir(tmp_path / "node" / "checkpoints")) == ["epoch_0002", "epoch_0003"]
+    with ctx.latest_checkpoint() as newest:
+        assert open(os.path.join(newest, "weights")).read() == "weights of epoch 3"
+
+
 @pytest.mark.ray
 def test_ray_comparison_writes_its_experiment_to_s3(s3_store, s3_module_env, ray_session, tmp_path):
     """A driver joins the running Ray runtime (RAY_ADDRESS); its S3 endpoint reaches the trials.

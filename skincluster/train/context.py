@@ -77,8 +77,9 @@ class LocalContext:
     temporary name, and the two newest are kept, as the Ray run does. A run
     whose folder is a URI trains in a local `run_dir` and names its URI as
     `mirror`: every checkpoint is also uploaded to ``<mirror>/checkpoints/``,
-    ``state.json`` last, and a `run_dir` without checkpoints (a new node after
-    the old one was lost) starts from the mirror's.
+    ``state.json`` last, and the mirror's checkpoints newer than `run_dir`'s
+    are fetched first (a new node after the old one was lost, or an old node
+    after the run went on elsewhere).
     """
 
     world_rank = 0
@@ -90,7 +91,7 @@ class LocalContext:
         self.checkpoints = os.path.join(run_dir, CHECKPOINTS)
         os.makedirs(self.checkpoints, exist_ok=True)
         self.mirror = storage.join(mirror, CHECKPOINTS) if mirror else None
-        if self.mirror and not self._checkpoint_dirs():
+        if self.mirror:
             self._download_mirror()
         store = open_store(store_uri)
         self._arrays = {s: pipeline.read_arrays(store, s, limit, seed) for s in ("train", "val")}
@@ -152,11 +153,15 @@ class LocalContext:
                 storage.write_bytes_atomic(fs, f"{path}/{name}", fh.read())
 
     def _download_mirror(self) -> None:
-        """Fetch the mirror's complete checkpoints (those with a state.json) into `run_dir`."""
+        """Fetch the mirror's complete checkpoints (those with a state.json) that
+        are newer than this node's newest: the run may have gone on elsewhere."""
+        local = [os.path.basename(d) for d in self._checkpoint_dirs()]
         fs, path = storage.resolve(self.mirror)
         folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         for folder in sorted(f.base_name for f in folders if f.type == pafs.FileType.Directory):
-            if not folder.startswith("epoch_") or not storage.exists(fs, f"{path}/{folder}/{STATE_FILE}"):
+            if not folder.startswith("epoch_") or (local and folder <= local[-1]):
+                continue
+            if not storage.exists(fs, f"{path}/{folder}/{STATE_FILE}"):
                 continue
             tmp = os.path.join(self.checkpoints, folder + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
