@@ -188,8 +188,12 @@ def test_local_run_to_s3_resumes_on_a_new_node(s3_store, s3_module_env, tmp_path
 
 
 def test_a_node_fetches_only_newer_complete_checkpoints_from_the_mirror(s3_store, s3_module_env, tmp_path):
-    """An old node whose folder still holds epoch 2, after the run went on
-    elsewhere to epoch 3 (and was cut off uploading epoch 4), resumes from 3."""
+    """An old node whose folder holds epoch 2 and a torn epoch 3, after the run
+    went on elsewhere to epoch 3 (and was cut off uploading epoch 4), resumes
+    from the mirror's epoch 3; its next checkpoint prunes the mirror to the two
+    newest although the node never had the mirror's older ones."""
+    import pyarrow.fs as pafs
+
     from skincluster.train.context import LocalContext
 
     mirror = f"s3://{s3_module_env.new_bucket('mirror')}/run"
@@ -198,13 +202,23 @@ def test_a_node_fetches_only_newer_complete_checkpoints_from_the_mirror(s3_store
         for name in files:
             body = json.dumps({"epoch": epoch}) if name == "state.json" else f"weights of epoch {epoch}"
             storage.write_bytes_atomic(fs, f"{path}/checkpoints/epoch_{epoch:04d}/{name}", body.encode())
-    node = tmp_path / "node" / "checkpoints" / "epoch_0002"
-    node.mkdir(parents=True)
-    (node / "state.json").write_text(json.dumps({"epoch": 2}))
+    node = tmp_path / "node" / "checkpoints"
+    for epoch, state in ((2, json.dumps({"epoch": 2})), (3, "")):
+        (node / f"epoch_{epoch:04d}").mkdir(parents=True)
+        (node / f"epoch_{epoch:04d}" / "state.json").write_text(state)
     ctx = LocalContext(str(tmp_path / "node"), s3_store, limit=8, seed=0, mirror=mirror)
-    assert sorted(os.listdir(tmp_path / "node" / "checkpoints")) == ["epoch_0002", "epoch_0003"]
+    assert sorted(os.listdir(node)) == ["epoch_0002", "epoch_0003"]
     with ctx.latest_checkpoint() as newest:
         assert open(os.path.join(newest, "weights")).read() == "weights of epoch 3"
+
+    (tmp_path / "epoch4").mkdir()
+    (tmp_path / "epoch4" / "state.json").write_text(json.dumps({"epoch": 4}))
+    ctx.report({"epoch": 4}, str(tmp_path / "epoch4"))
+    assert sorted(os.listdir(node)) == ["epoch_0003", "epoch_0004"]
+    folders = fs.get_file_info(pafs.FileSelector(f"{path}/checkpoints"))
+    assert sorted(f.base_name for f in folders) == ["epoch_0003", "epoch_0004"]
+    assert storage.read_json(fs, f"{path}/checkpoints/epoch_0004/state.json") == {"epoch": 4}
+    assert not storage.exists(fs, f"{path}/checkpoints/epoch_0004/weights")  # the cut-off upload's leftover
 
 
 @pytest.mark.ray

@@ -94,6 +94,18 @@ def test_an_unfinished_run_is_resumed_only_with_its_own_settings(synthetic_store
     assert json.loads(config.read_text())["recipe"]["ema_decay"] == 0.99
 
 
+def test_a_half_copied_checkpoint_is_not_one(synthetic_store, tmp_path):
+    """A run killed while copying its first checkpoint leaves only ``epoch_0001.tmp``:
+    nothing would be resumed, so a corrected command starts afresh."""
+    run = _run(synthetic_store, tmp_path, "half", overrides={"epochs": 1})
+    _write_config(run, resumes=False)
+    os.makedirs(tmp_path / "half" / "checkpoints" / "epoch_0001.tmp")
+    corrected = _run(synthetic_store, tmp_path, "half", overrides={"epochs": 1, "learning_rate": 0.01})
+    result = run_local(corrected, verbose=0)
+    assert [h["epoch"] for h in result.history] == [1]
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["recipe"]["learning_rate"] == 0.01
+
+
 def test_checkpoints_of_the_other_mode_guard_the_settings_too(synthetic_store, tmp_path, local_result):
     """A Ray run's checkpoints in the folder: a --local run with other settings
     must not replace config.json, or the Ray run resumed later would mix them."""

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -32,6 +32,9 @@ Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 class RunContext(Protocol):
     world_rank: int
     world_size: int
+    #: Where the checkpoint latest_checkpoint() yielded is kept, for messages
+    #: (the folder it yields may be a temporary copy of it).
+    checkpoint_name: str | None
 
     def batches(self, split: str, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> Batches: ...
 
@@ -50,6 +53,7 @@ class RayContext:
         ctx = ray.train.get_context()
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        self.checkpoint_name: str | None = None
 
     def batches(self, split: str, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> Batches:
         shard = self._train.get_dataset_shard(split)
@@ -61,6 +65,9 @@ class RayContext:
         if checkpoint is None:
             yield None
         else:
+            fs = checkpoint.filesystem
+            scheme = "" if fs is None or fs.type_name == "local" else f"{fs.type_name}://"
+            self.checkpoint_name = f"{scheme}{checkpoint.path}"
             with checkpoint.as_directory() as path:
                 yield path
 
@@ -85,6 +92,7 @@ class LocalContext:
     world_rank = 0
     world_size = 1
     keep_checkpoints = 2
+    checkpoint_name: str | None = None
 
     def __init__(self, run_dir: str, store_uri: str, limit: int | None, seed: int, mirror: str | None = None) -> None:
         self.run_dir = run_dir
@@ -108,20 +116,22 @@ class LocalContext:
     def latest_checkpoint(self):
         """The newest checkpoint whose state is readable.
 
-        A checkpoint is complete once renamed from ``.tmp``, but its files may
-        still be torn if the machine lost power before they reached the disk;
-        the one before it (two are kept) is then the place to resume from.
+        Checkpoints are made durable before they are renamed into place, but a
+        disk can still lose a file; the one before (two are kept) is then the
+        place to resume from.
         """
         dirs = self._checkpoint_dirs()
         for path in reversed(dirs):
             problem = checkpoint_problem(path)
             if problem is None:
+                self.checkpoint_name = path
                 yield path
                 return
             print(f"skincluster: not resuming from {path}: {problem}", file=sys.stderr, flush=True)
         if dirs:
-            raise RuntimeError(f"no checkpoint in {self.checkpoints} can be resumed (see above); "
-                               "move that folder away to start the run afresh")
+            where = f"{self.checkpoints} or {self.mirror}" if self.mirror else self.checkpoints
+            raise RuntimeError(f"no checkpoint in {where} can be resumed (see above); "
+                               "move the checkpoints away to start the run afresh")
         yield None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
@@ -129,49 +139,87 @@ class LocalContext:
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
         if checkpoint_dir:
-            final = os.path.join(self.checkpoints, f"epoch_{metrics['epoch']:04d}")
-            tmp = final + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            final = self._install(f"epoch_{metrics['epoch']:04d}", lambda tmp: shutil.copytree(checkpoint_dir, tmp))
             if self.mirror:
                 self._upload(final)
             for old in self._checkpoint_dirs()[: -self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-                if self.mirror:
-                    fs, path = storage.resolve(storage.join(self.mirror, os.path.basename(old)))
-                    fs.delete_dir(path)
+            if self.mirror:
+                self._prune_mirror(oldest_kept=os.path.basename(self._checkpoint_dirs()[0]))
+
+    def _install(self, name: str, fill: Callable[[str], Any]) -> str:
+        """Build checkpoint `name` in a ``.tmp`` folder with `fill`, make its files
+        durable, then rename it into place: after a crash or power loss a
+        checkpoint folder is either absent or complete."""
+        final = os.path.join(self.checkpoints, name)
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        fill(tmp)
+        for folder, _, files in os.walk(tmp):
+            for file in files:
+                _fsync(os.path.join(folder, file))
+            _fsync(folder)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(self.checkpoints)
+        return final
 
     def _upload(self, checkpoint: str) -> None:
         """Copy a checkpoint folder to the mirror; state.json, which marks it complete, goes last."""
         fs, path = storage.resolve(storage.join(self.mirror, os.path.basename(checkpoint)))
         fs.create_dir(path, recursive=True)
-        fs.delete_dir_contents(path)  # what an upload cut short left
+        # What an upload cut short left is cleared, its state.json first: clearing
+        # is not atomic on an object store, and a folder with a state.json is complete.
+        if storage.exists(fs, f"{path}/{STATE_FILE}"):
+            fs.delete_file(f"{path}/{STATE_FILE}")
+        fs.delete_dir_contents(path)
         for name in sorted(os.listdir(checkpoint), key=lambda n: n == STATE_FILE):
             with open(os.path.join(checkpoint, name), "rb") as fh:
                 storage.write_bytes_atomic(fs, f"{path}/{name}", fh.read())
 
+    def _prune_mirror(self, oldest_kept: str) -> None:
+        """Delete the mirror's checkpoints older than this node's oldest kept one
+        (by listing the mirror: it may hold ones this node never had)."""
+        fs, path = storage.resolve(self.mirror)
+        for entry in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            if entry.type == pafs.FileType.Directory and entry.base_name.startswith("epoch_"):
+                if entry.base_name < oldest_kept:
+                    fs.delete_dir(entry.path)
+
     def _download_mirror(self) -> None:
         """Fetch the mirror's complete checkpoints (those with a state.json) that
-        are newer than this node's newest: the run may have gone on elsewhere."""
-        local = [os.path.basename(d) for d in self._checkpoint_dirs()]
+        are newer than this node's newest readable one: the run may have gone on
+        elsewhere, or this node's copy may be damaged."""
+        readable = [os.path.basename(d) for d in self._checkpoint_dirs() if checkpoint_problem(d) is None]
         fs, path = storage.resolve(self.mirror)
         folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         for folder in sorted(f.base_name for f in folders if f.type == pafs.FileType.Directory):
-            if not folder.startswith("epoch_") or (local and folder <= local[-1]):
+            if not folder.startswith("epoch_") or (readable and folder <= readable[-1]):
                 continue
             if not storage.exists(fs, f"{path}/{folder}/{STATE_FILE}"):
                 continue
-            tmp = os.path.join(self.checkpoints, folder + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            for entry in fs.get_file_info(pafs.FileSelector(f"{path}/{folder}")):
-                if entry.type == pafs.FileType.File and ".tmp-" not in entry.base_name:
-                    with open(os.path.join(tmp, entry.base_name), "wb") as fh:
-                        fh.write(storage.read_bytes(fs, entry.path))
-            os.replace(tmp, os.path.join(self.checkpoints, folder))
+
+            def fetch(tmp: str, folder: str = folder) -> None:
+                os.makedirs(tmp)
+                for entry in fs.get_file_info(pafs.FileSelector(f"{path}/{folder}")):
+                    if entry.type == pafs.FileType.File and ".tmp-" not in entry.base_name:
+                        with open(os.path.join(tmp, entry.base_name), "wb") as fh:
+                            fh.write(storage.read_bytes(fs, entry.path))
+
+            self._install(folder, fetch)
             print(f"skincluster: fetched checkpoint {storage.join(self.mirror, folder)}", file=sys.stderr, flush=True)
+
+
+def _fsync(path: str) -> None:
+    """Flush a file or folder to disk (folders: where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder on Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def local_checkpoint_dirs(run_dir: str) -> list[str]:

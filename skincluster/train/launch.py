@@ -2,7 +2,9 @@
 
 Driver-side code only; the per-worker loop is in `worker.py`. A run's folder
 ``<storage>/<name>/`` ends up holding ``config.json``, ``history.json``,
-``model.keras`` and ``evaluation.json``, whichever way it ran.
+``model.keras`` and ``evaluation.json``, whichever way it ran, beside its two
+newest checkpoints (Ray Train's ``checkpoint_epoch_NNNN/`` or a local run's
+``checkpoints/epoch_NNNN/``).
 """
 
 from __future__ import annotations

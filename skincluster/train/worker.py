@@ -71,7 +71,7 @@ def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[st
     best_weights = None
     with ctx.latest_checkpoint() as path:
         if path:
-            state = _read_state(path, run)
+            state = _read_state(path, ctx.checkpoint_name or path, run)
             state["restarts"] += 1
             checkpoint.read(os.path.join(path, WEIGHTS_PREFIX)).expect_partial()
             if os.path.exists(os.path.join(path, BEST_WEIGHTS)):
@@ -266,19 +266,20 @@ def _callback_of(callbacks: list[keras.callbacks.Callback], kind: type) -> Any:
     return next((c for c in callbacks if isinstance(c, kind)), None)
 
 
-def _read_state(path: str, run: TrainRun) -> dict[str, Any]:
-    """The checkpoint's state, refused if it was written by a run with other
-    result settings (launch checks config.json first; this is the last guard,
-    for a folder whose config.json was rewritten by a run of another mode)."""
+def _read_state(path: str, shown: str, run: TrainRun) -> dict[str, Any]:
+    """The state of the checkpoint in folder `path` (kept at `shown`), refused if
+    it was written by a run with other result settings (launch checks
+    config.json first; this is the last guard, for a folder whose config.json
+    was rewritten by a run of another mode)."""
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise RuntimeError(f"cannot resume from the checkpoint {path}: {problem}")
+        raise RuntimeError(f"cannot resume from the checkpoint {shown}: {problem}")
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
         state = json.load(fh)
     written_by = state.pop("run", None)
     changed = changed_settings(written_by, run) if isinstance(written_by, dict) else []
     if changed:
-        raise RuntimeError(f"the checkpoint {path} was written by a run with other settings ({'; '.join(changed)}); "
+        raise RuntimeError(f"the checkpoint {shown} was written by a run with other settings ({'; '.join(changed)}); "
                            "run the same command as before to resume it, or use another --name or --storage")
     return state
 
