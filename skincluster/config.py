@@ -177,6 +177,10 @@ class DataConfig:
     #: proportionally so a smoke run stays small end to end.
     limit: int | None = None
     seed: int = 0
+    #: The store's content fingerprint (its manifest's), filled by the launcher:
+    #: the same source and ingest options give the same one, so a store ingested
+    #: again with other images or splits is told apart from the one a run began on.
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         # Checked here, before anything launches, not first in a Ray worker.
@@ -450,11 +454,11 @@ def as_stored(obj: Any) -> dict[str, Any]:
 
 #: What a run's results depend on (flattened TrainRun keys, or their prefixes),
 #: so what a resumed run must share with the one that started. The store is
-#: compared by its classes and statistics, not its path; hardware, retries and
-#: where the folders live may change between the two commands, except for the
-#: replica count (see result_settings).
-RESULT_SETTINGS = ("model", "profile", "recipe.", "data.limit", "data.seed", "scaling.workers", "class_names",
-                   "channel_mean", "channel_std", "train_class_counts")
+#: compared by its content fingerprint, classes and statistics, not its path;
+#: hardware, retries and where the folders live may change between the two
+#: commands, except for the replica count (see result_settings).
+RESULT_SETTINGS = ("model", "profile", "recipe.", "data.limit", "data.seed", "data.fingerprint", "scaling.workers",
+                   "class_names", "channel_mean", "channel_std", "train_class_counts")
 
 
 def result_settings(stored: dict[str, Any]) -> dict[str, Any]:
@@ -464,6 +468,10 @@ def result_settings(stored: dict[str, Any]) -> dict[str, Any]:
     worker changes the results even though GPUs are otherwise hardware."""
     flat = dotted_leaves(stored)
     settings = {k: v for k, v in flat.items() if k.startswith(RESULT_SETTINGS)}
+    if settings.get("data.fingerprint") is None:
+        # Not recorded (a config.json from before it was, or a store without one):
+        # the statistics still stand for the store.
+        settings.pop("data.fingerprint", None)
     gpus = flat.get("scaling.gpus_per_worker")
     if isinstance(gpus, (int, float)):
         settings["scaling.replicas_per_worker"] = max(1, int(gpus))

@@ -120,6 +120,24 @@ def test_a_report_without_the_best_model_file_says_it_was_not_exported(smoke_exp
     assert "Exported as" not in text and not (copy / "best" / "model.keras").exists()
 
 
+def test_no_ensemble_row_from_a_store_ingested_again_since_the_trials(smoke_experiment, tmp_path):
+    def ensemble_rows(folder):  # results.md has the ensemble row; results.csv has the trials only
+        return [line for line in (folder / "results.md").read_text().splitlines() if line.startswith("| ensemble (")]
+
+    copy = tmp_path / "e"
+    shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("ensemble", "best"))
+    build_report(str(copy))
+    assert len(ensemble_rows(copy)) == 1  # evaluated afresh on the real store
+    shutil.rmtree(copy / "ensemble")
+    experiment = json.loads((copy / "experiment.json").read_text())
+    for run in experiment["runs"].values():
+        run["data"]["fingerprint"] = "the store the trials were trained on, since ingested again"
+    (copy / "experiment.json").write_text(json.dumps(experiment))
+    build_report(str(copy))
+    assert ensemble_rows(copy) == []
+    assert "was ingested again since the members were trained" in (copy / "report.md").read_text()
+
+
 def test_a_trial_with_epochs_but_no_evaluation_is_interrupted_not_stopped(smoke_experiment, tmp_path):
     copy = tmp_path / "e"
     shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras"))

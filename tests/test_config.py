@@ -146,3 +146,10 @@ def test_result_settings_count_replicas_and_fields_added_since_at_their_default(
     smoothed = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, label_smoothing=0.1))
     assert changed_settings(stored, smoothed) == ["recipe.label_smoothing 0.0 -> 0.1"]
     assert changed_settings(stored, run) == []
+    # The store's fingerprint: another store content is another run; one not recorded
+    # (a config.json from before it was) is compared by the store's statistics alone.
+    fingerprinted = dataclasses.replace(run, data=dataclasses.replace(run.data, fingerprint="f1"))
+    assert changed_settings(as_stored(fingerprinted), dataclasses.replace(
+        run, data=dataclasses.replace(run.data, fingerprint="f2"))) == ["data.fingerprint 'f1' -> 'f2'"]
+    del stored["data"]["fingerprint"]
+    assert changed_settings(stored, fingerprinted) == []

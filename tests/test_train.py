@@ -134,19 +134,36 @@ def test_the_worker_refuses_a_checkpoint_of_other_settings(local_result, tmp_pat
 
 def test_a_store_ingested_again_since_the_run_was_set_up_is_refused(synthetic_store, tmp_path):
     """A comparison resolves its trials at the start; a re-ingest with other
-    splits before a later trial starts would give it another test set."""
-    from skincluster.data.ingest import IngestOptions, ingest
-    from skincluster.data.store import StoreError
+    splits, or other test images under the same splits, before a later trial
+    starts would give it another test set."""
+    from PIL import Image
 
-    source, store = os.path.join(os.path.dirname(synthetic_store), "source"), str(tmp_path / "store")
-    ingest(source, store, IngestOptions(), log=lambda *_: None)
-    run = resolve_run("nn", store, storage_dir=str(tmp_path / "runs"), name="moved", profile="smoke",
-                      overrides={"epochs": 1})
-    ingest(source, store, IngestOptions(seed=1), log=lambda *_: None)
-    with pytest.raises(StoreError, match=r"store has changed since run 'moved' was set up from it \(channel_mean, "
-                                         r"channel_std, train_class_counts differ\)"):
+    from skincluster.data.ingest import IngestOptions, ingest
+    from skincluster.data.store import StoreError, open_store
+
+    source, store = tmp_path / "source", str(tmp_path / "store")
+    shutil.copytree(os.path.join(os.path.dirname(synthetic_store), "source"), source)
+    ingest(str(source), store, IngestOptions(), log=lambda *_: None)
+
+    def run_now():
+        return resolve_run("nn", store, storage_dir=str(tmp_path / "runs"), name="moved", profile="smoke",
+                           overrides={"epochs": 1})
+
+    run = run_now()
+    ingest(str(source), store, IngestOptions(seed=1), log=lambda *_: None)
+    with pytest.raises(StoreError, match=r"store has changed since run 'moved' was set up from it \(fingerprint, "
+                                         r"channel_mean, channel_std, train_class_counts differ\)"):
         run_local(run, verbose=0)
     assert not os.path.exists(tmp_path / "runs" / "moved")  # refused before anything was written
+
+    # The same splits and training images, one test image changed: only the fingerprint tells.
+    run = run_now()
+    test_image = open_store(store).read_split("test", ["image_id"])["image_id"][0].as_py()
+    (path,) = source.glob(f"*/{test_image}.jpg")
+    Image.eval(Image.open(path), lambda v: 255 - v).save(path)
+    ingest(str(source), store, IngestOptions(seed=1), log=lambda *_: None)
+    with pytest.raises(StoreError, match=r"since run 'moved' was set up from it \(fingerprint differs\)"):
+        run_local(run, verbose=0)
 
 
 def test_local_mode_is_deterministic_for_a_seed(local_result, tmp_path):

@@ -90,7 +90,7 @@ def resolve_run(
     return TrainRun(
         model=model,
         recipe=recipe,
-        data=DataConfig(store=store_uri, limit=limit, seed=seed),
+        data=DataConfig(store=store_uri, limit=limit, seed=seed, fingerprint=store.manifest.get("fingerprint")),
         scaling=scaling,
         profile=profile,
         storage=storage_dir,
@@ -121,9 +121,12 @@ def open_run_store(run: TrainRun) -> Store:
     if not run.train_class_counts:  # a config.json written before the counts were recorded
         now.pop("train_class_counts")
     changed = [key for key, value in now.items() if getattr(run, key) != value]
+    if run.data.fingerprint is not None and run.data.fingerprint != store.manifest.get("fingerprint"):
+        changed.insert(0, "fingerprint")
     if changed:
+        verb = "differ" if len(changed) > 1 else "differs"
         raise StoreError(f"{run.data.store} has changed since run {run.name!r} was set up from it ({', '.join(changed)} "
-                         "differ): it was ingested again with other images or splits; start the run (or comparison) "
+                         f"{verb}): it was ingested again with other images or splits; start the run (or comparison) "
                          "again, under another --name")
     return store
 

@@ -241,7 +241,8 @@ def ensemble(experiment_dir: str, experiment: dict, evaluations: dict[str, dict]
                       f"averaging needs {ENSEMBLE_SIZE}.")
     members = members[:ENSEMBLE_SIZE]
     runs = [experiment["runs"][m]["data"] for m in members]
-    if any((r["store"], r["limit"], r["seed"]) != (runs[0]["store"], runs[0]["limit"], runs[0]["seed"]) for r in runs):
+    same = ("store", "limit", "seed", "fingerprint")
+    if any(tuple(r.get(k) for k in same) != tuple(runs[0].get(k) for k in same) for r in runs):
         return None, f"No ensemble row: {' and '.join(members)} were evaluated on different data."
     fs, root = storage.resolve(experiment_dir)
     # The cache is keyed on the members' own evaluations: a retrained member changes its evaluation.json.
@@ -302,6 +303,8 @@ def _evaluate_ensemble(fs, root: str, members: list[str], data: dict) -> dict:
                 fh.write(storage.read_bytes(fs, f"{root}/runs/{model}/model.keras"))
             models.append(load_model(local))
     store = open_store(data["store"])
+    if data.get("fingerprint") not in (None, store.manifest.get("fingerprint")):
+        raise ValueError(f"{data['store']} was ingested again since the members were trained")
     evaluation = evaluate_model(ensemble_model(models), store, data["limit"], data["seed"])
     evaluation.update(model="ensemble", members=members)
     return evaluation
