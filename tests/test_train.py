@@ -234,6 +234,24 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(synthetic_store, 
     assert [h["epoch"] for h in json.load(open(tmp_path / name / "history.json"))] == [1, 2, 3, 4]
 
 
+def test_local_checkpoints_are_ordered_by_epoch_number(tmp_path):
+    from skincluster.train.context import local_checkpoint_dirs
+
+    for name in ("epoch_10000", "epoch_9999", "epoch_10001.tmp", "notes"):
+        os.makedirs(tmp_path / "checkpoints" / name)
+    assert [os.path.basename(d) for d in local_checkpoint_dirs(str(tmp_path))] == ["epoch_9999", "epoch_10000"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_cannot_be_fsynced_does_not_stop_a_checkpoint(tmp_path):
+    """Some mounts (FUSE, SMB; /proc here) refuse fsync on a folder with EINVAL."""
+    from skincluster.train.context import _fsync
+
+    (tmp_path / "weights").write_bytes(b"w")
+    _fsync(str(tmp_path / "weights"))
+    _fsync("/proc/self")
+
+
 def test_no_readable_checkpoint_is_an_error_naming_the_folder(local_result, tmp_path):
     from skincluster.train.context import LocalContext
 

@@ -7,8 +7,10 @@ what lets the very same loop run under Ray Train and in local debug mode.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -145,7 +147,7 @@ class LocalContext:
             for old in self._checkpoint_dirs()[: -self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             if self.mirror:
-                self._prune_mirror(oldest_kept=os.path.basename(self._checkpoint_dirs()[0]))
+                self._prune_mirror(oldest_kept=checkpoint_epoch(os.path.basename(self._checkpoint_dirs()[0])))
 
     def _install(self, name: str, fill: Callable[[str], Any]) -> str:
         """Build checkpoint `name` in a ``.tmp`` folder with `fill`, make its files
@@ -177,24 +179,26 @@ class LocalContext:
             with open(os.path.join(checkpoint, name), "rb") as fh:
                 storage.write_bytes_atomic(fs, f"{path}/{name}", fh.read())
 
-    def _prune_mirror(self, oldest_kept: str) -> None:
+    def _prune_mirror(self, oldest_kept: int) -> None:
         """Delete the mirror's checkpoints older than this node's oldest kept one
         (by listing the mirror: it may hold ones this node never had)."""
         fs, path = storage.resolve(self.mirror)
         for entry in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-            if entry.type == pafs.FileType.Directory and entry.base_name.startswith("epoch_"):
-                if entry.base_name < oldest_kept:
-                    fs.delete_dir(entry.path)
+            epoch = checkpoint_epoch(entry.base_name)
+            if entry.type == pafs.FileType.Directory and epoch is not None and epoch < oldest_kept:
+                fs.delete_dir(entry.path)
 
     def _download_mirror(self) -> None:
         """Fetch the mirror's complete checkpoints (those with a state.json) that
         are newer than this node's newest readable one: the run may have gone on
         elsewhere, or this node's copy may be damaged."""
-        readable = [os.path.basename(d) for d in self._checkpoint_dirs() if checkpoint_problem(d) is None]
+        readable = [checkpoint_epoch(os.path.basename(d)) for d in self._checkpoint_dirs() if not checkpoint_problem(d)]
         fs, path = storage.resolve(self.mirror)
-        folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        for folder in sorted(f.base_name for f in folders if f.type == pafs.FileType.Directory):
-            if not folder.startswith("epoch_") or (readable and folder <= readable[-1]):
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        folders = [e.base_name for e in entries
+                   if e.type == pafs.FileType.Directory and checkpoint_epoch(e.base_name) is not None]
+        for folder in sorted(folders, key=checkpoint_epoch):
+            if readable and checkpoint_epoch(folder) <= readable[-1]:
                 continue
             if not storage.exists(fs, f"{path}/{folder}/{STATE_FILE}"):
                 continue
@@ -210,14 +214,26 @@ class LocalContext:
             print(f"skincluster: fetched checkpoint {storage.join(self.mirror, folder)}", file=sys.stderr, flush=True)
 
 
+#: fsync errors that mean "not supported here" (folders on some FUSE, SMB or
+#: Windows mounts), not "not written": durability is then the filesystem's.
+_FSYNC_UNSUPPORTED = (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def _fsync(path: str) -> None:
-    """Flush a file or folder to disk (folders: where the OS allows opening them)."""
+    """Flush a file or folder to disk, where the filesystem can."""
+    folder = os.path.isdir(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder on Windows
-        return
+        # Windows flushes only handles opened for writing, and opens no folders.
+        fd = os.open(path, os.O_RDONLY if folder else os.O_RDWR)
+    except PermissionError:
+        if folder:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
@@ -227,8 +243,16 @@ def local_checkpoint_dirs(run_dir: str) -> list[str]:
     folder = os.path.join(run_dir, CHECKPOINTS)
     if not os.path.isdir(folder):
         return []
-    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch_") and not n.endswith(".tmp"))
+    names = sorted((n for n in os.listdir(folder) if checkpoint_epoch(n) is not None), key=checkpoint_epoch)
     return [os.path.join(folder, n) for n in names]
+
+
+def checkpoint_epoch(name: str) -> int | None:
+    """The epoch of a local checkpoint folder named ``epoch_NNNN``, else None
+    (a ``.tmp`` copy, anything else). Compared as numbers: epoch_10000 comes
+    after epoch_9999."""
+    match = re.fullmatch(r"epoch_(\d+)", name)
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_problem(path: str) -> str | None:

@@ -35,7 +35,7 @@ from skincluster.config import (
 )
 from skincluster.data.splits import SPLITS
 from skincluster.data.store import Store, StoreError, open_store
-from skincluster.train.context import CHECKPOINTS, local_checkpoint_dirs
+from skincluster.train.context import CHECKPOINTS, checkpoint_epoch, local_checkpoint_dirs
 
 #: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
 DATA_CPU_RESERVE = 0.5
@@ -355,7 +355,7 @@ def _has_checkpoints(run_dir: str) -> bool:
     if any(e.base_name.startswith("checkpoint_") for e in entries):
         return True
     local = fs.get_file_info(pafs.FileSelector(f"{path}/{CHECKPOINTS}", allow_not_found=True))
-    return any(e.base_name.startswith("epoch_") and not e.base_name.endswith(".tmp") for e in local)
+    return any(checkpoint_epoch(e.base_name) is not None for e in local)
 
 
 def check_resumable(run: TrainRun) -> None:
