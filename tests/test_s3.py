@@ -206,7 +206,7 @@ def test_a_node_fetches_only_newer_complete_checkpoints_from_the_mirror(s3_store
     for epoch, state in ((2, json.dumps({"epoch": 2})), (3, "")):
         (node / f"epoch_{epoch:04d}").mkdir(parents=True)
         (node / f"epoch_{epoch:04d}" / "state.json").write_text(state)
-    ctx = LocalContext(str(tmp_path / "node"), s3_store, limit=8, seed=0, mirror=mirror)
+    ctx = LocalContext(str(tmp_path / "node"), open_store(s3_store), limit=8, seed=0, mirror=mirror)
     assert sorted(os.listdir(node)) == ["epoch_0002", "epoch_0003"]
     with ctx.latest_checkpoint() as newest:
         assert open(os.path.join(newest, "weights")).read() == "weights of epoch 3"

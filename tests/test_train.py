@@ -120,13 +120,14 @@ def test_checkpoints_of_the_other_mode_guard_the_settings_too(synthetic_store, t
 
 def test_the_worker_refuses_a_checkpoint_of_other_settings(local_result, tmp_path):
     """The last guard, whatever config.json says: state.json records the run that wrote it."""
+    from skincluster.data.store import open_store
     from skincluster.train.context import LocalContext
     from skincluster.train.worker import run_worker
 
     shutil.copytree(os.path.join(local_result.run_dir, "checkpoints"), tmp_path / "checkpoints")
     run = local_result.run
     other = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, batch_size=8))
-    ctx = LocalContext(str(tmp_path), run.data.store, run.data.limit, run.data.seed)
+    ctx = LocalContext(str(tmp_path), open_store(run.data.store), run.data.limit, run.data.seed)
     with pytest.raises(RuntimeError, match=r"epoch_0003 was written by a run with other settings "
                                            r"\(recipe.batch_size 16 -> 8\)"):
         run_worker(other, ctx, verbose=0)
@@ -253,13 +254,14 @@ def test_a_folder_that_cannot_be_fsynced_does_not_stop_a_checkpoint(tmp_path):
 
 
 def test_no_readable_checkpoint_is_an_error_naming_the_folder(local_result, tmp_path):
+    from skincluster.data.store import open_store
     from skincluster.train.context import LocalContext
 
     shutil.copytree(os.path.join(local_result.run_dir, "checkpoints"), tmp_path / "checkpoints")
     for state in (tmp_path / "checkpoints").glob("epoch_*/state.json"):
         state.write_text('{"history": []}')
     run = local_result.run
-    ctx = LocalContext(str(tmp_path), run.data.store, run.data.limit, run.data.seed)
+    ctx = LocalContext(str(tmp_path), open_store(run.data.store), run.data.limit, run.data.seed)
     with pytest.raises(RuntimeError, match=r"no checkpoint in .*checkpoints can be resumed"):
         with ctx.latest_checkpoint():
             pass

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 
 from skincluster import storage
 from skincluster.data import pipeline
-from skincluster.data.store import open_store
+from skincluster.data.store import Store
 
 #: A local run's checkpoint folder, under its run folder.
 CHECKPOINTS = "checkpoints"
@@ -96,14 +96,13 @@ class LocalContext:
     keep_checkpoints = 2
     checkpoint_name: str | None = None
 
-    def __init__(self, run_dir: str, store_uri: str, limit: int | None, seed: int, mirror: str | None = None) -> None:
+    def __init__(self, run_dir: str, store: Store, limit: int | None, seed: int, mirror: str | None = None) -> None:
         self.run_dir = run_dir
         self.checkpoints = os.path.join(run_dir, CHECKPOINTS)
         os.makedirs(self.checkpoints, exist_ok=True)
         self.mirror = storage.join(mirror, CHECKPOINTS) if mirror else None
         if self.mirror:
             self._download_mirror()
-        store = open_store(store_uri)
         self._arrays = {s: pipeline.read_arrays(store, s, limit, seed) for s in ("train", "val")}
         self.reports: list[dict[str, Any]] = []
 
@@ -144,10 +143,11 @@ class LocalContext:
             final = self._install(f"epoch_{metrics['epoch']:04d}", lambda tmp: shutil.copytree(checkpoint_dir, tmp))
             if self.mirror:
                 self._upload(final)
-            for old in self._checkpoint_dirs()[: -self.keep_checkpoints]:
+            dirs = self._checkpoint_dirs()
+            for old in dirs[: -self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             if self.mirror:
-                self._prune_mirror(oldest_kept=checkpoint_epoch(os.path.basename(self._checkpoint_dirs()[0])))
+                self._prune_mirror(oldest_kept=checkpoint_epoch(os.path.basename(dirs[-self.keep_checkpoints :][0])))
 
     def _install(self, name: str, fill: Callable[[str], Any]) -> str:
         """Build checkpoint `name` in a ``.tmp`` folder with `fill`, make its files
@@ -255,18 +255,26 @@ def checkpoint_epoch(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def checkpoint_problem(path: str) -> str | None:
-    """Why the worker could not resume from the checkpoint folder `path`, or None."""
-    state_file = os.path.join(path, STATE_FILE)
+def read_checkpoint_state(path: str) -> dict[str, Any]:
+    """The state of the checkpoint folder `path`; a ValueError says why it cannot be resumed from."""
     try:
-        with open(state_file, encoding="utf-8") as fh:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
             state = json.load(fh)
     except FileNotFoundError:
-        return f"{STATE_FILE} is missing"
+        raise ValueError(f"{STATE_FILE} is missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return f"{STATE_FILE} is unreadable ({exc})"
+        raise ValueError(f"{STATE_FILE} is unreadable ({exc})") from None
     if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
-        return f"{STATE_FILE} holds no epoch"
+        raise ValueError(f"{STATE_FILE} holds no epoch")
+    return state
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the worker could not resume from the checkpoint folder `path`, or None."""
+    try:
+        read_checkpoint_state(path)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -35,7 +35,7 @@ from skincluster.config import (
 )
 from skincluster.data.splits import SPLITS
 from skincluster.data.store import Store, StoreError, open_store
-from skincluster.train.context import CHECKPOINTS, checkpoint_epoch, local_checkpoint_dirs
+from skincluster.train.context import CHECKPOINTS, checkpoint_epoch
 
 #: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
 DATA_CPU_RESERVE = 0.5
@@ -167,7 +167,7 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
     done = finished_result(run)
     if done:
         return done
-    open_run_store(run)
+    store = open_run_store(run)
     run_dir = run_dir_of(run)
     if storage.is_uri(run_dir):
         # Checkpoints need a local folder; results are copied to the URI at the end. The
@@ -183,8 +183,8 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
     os.makedirs(work_dir, exist_ok=True)
     # Checkpoints of either mode count: Ray's would be resumed by a later run
     # without --local under the config.json written here.
-    _write_config(run, resumes=bool(local_checkpoint_dirs(work_dir)) or _has_checkpoints(run_dir))
-    ctx = LocalContext(work_dir, run.data.store, run.data.limit, run.data.seed,
+    _write_config(run, resumes=any(_has_checkpoints(folder) for folder in {run_dir, work_dir}))
+    ctx = LocalContext(work_dir, store, run.data.limit, run.data.seed,
                        mirror=run_dir if work_dir != run_dir else None)
     history = run_worker(run, ctx, verbose=verbose)
     with ctx.latest_checkpoint() as checkpoint:

@@ -24,7 +24,7 @@ import tf_keras as keras
 from skincluster.config import IMAGE_SHAPE, TrainRun, changed_settings
 from skincluster.data.pipeline import mixup_batches
 from skincluster.models.training import WeightAverage
-from skincluster.train.context import STATE_FILE, RunContext, checkpoint_problem, scratch_dir
+from skincluster.train.context import STATE_FILE, RunContext, read_checkpoint_state, scratch_dir
 from skincluster.train.strategy import any_replica, choose_strategy
 
 FINAL_MODEL = "model.keras"
@@ -271,11 +271,10 @@ def _read_state(path: str, shown: str, run: TrainRun) -> dict[str, Any]:
     it was written by a run with other result settings (launch checks
     config.json first; this is the last guard, for a folder whose config.json
     was rewritten by a run of another mode)."""
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise RuntimeError(f"cannot resume from the checkpoint {shown}: {problem}")
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
-        state = json.load(fh)
+    try:
+        state = read_checkpoint_state(path)
+    except ValueError as exc:
+        raise RuntimeError(f"cannot resume from the checkpoint {shown}: {exc}") from None
     written_by = state.pop("run", None)
     changed = changed_settings(written_by, run) if isinstance(written_by, dict) else []
     if changed:
