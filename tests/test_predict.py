@@ -94,7 +94,8 @@ def test_folder_reports_skipped_files_and_unlistable_subfolders(saved_models, im
     real_scandir = os.scandir
 
     def scandir(path="."):  # root reads any folder, so the denial is simulated
-        if os.fspath(path).endswith("locked"):
+        # shutil.rmtree lists folders by descriptor: only paths can be "locked".
+        if not isinstance(path, int) and os.fspath(path).endswith("locked"):
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
