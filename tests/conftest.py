@@ -14,6 +14,33 @@ SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_7_5_224_tf_no_top.h5"
 import pytest  # noqa: E402
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n` in pyproject.toml) tests run in groups, one
+    group at a time per worker: every test on the session's Ray runtime in
+    one ("ray": one runtime with the 2 CPUs the tests size their trials for,
+    no second one started beside it by another worker), and every other
+    test with its module, so a module's fixtures are built once."""
+    for item in items:
+        ray = "ray_session" in item.fixturenames or item.get_closest_marker("ray")
+        item.add_marker(pytest.mark.xdist_group("ray" if ray else item.module.__name__))
+
+
+def pytest_configure(config):
+    """Refuse to run ungrouped rather than start Ray runtimes in two workers:
+    pytest 9.2 drops the group suffix xdist 3.8 adds to each test's ID
+    (pytest-dev/pytest-xdist#1386), hence pytest<9.2 in pyproject.toml."""
+    from packaging.version import Version
+
+    grouped = config.getoption("numprocesses", None) and config.getoption("dist", "no") == "loadgroup"
+    if grouped and Version(pytest.__version__) >= Version("9.2"):
+        raise pytest.UsageError(
+            f"pytest-xdist cannot group the tests under pytest {pytest.__version__} "
+            "(pytest-dev/pytest-xdist#1386): install the test extra's versions (pip install -e '.[test]') "
+            "or run `pytest -n 0`"
+        )
+
+
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory):
     """The embedded demo data set, small, ingested once for every test that trains."""
