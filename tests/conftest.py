@@ -16,8 +16,8 @@ import pytest  # noqa: E402
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n` in pyproject.toml) tests run in groups, one
-    group at a time per worker: every test on the session's Ray runtime in
+    """Under pytest-xdist (`pytest -n 2 --dist=loadgroup`) tests run in groups,
+    one group at a time per worker: every test on the session's Ray runtime in
     one ("ray": one runtime with the 2 CPUs the tests size their trials for,
     no second one started beside it by another worker), and every other
     test with its module, so a module's fixtures are built once."""

@@ -27,6 +27,12 @@ pytestmark = pytest.mark.ray
 REPORT_FILES = ["results.csv", "results.md", "report.md", "curves/all_val.png", "best/model.keras", "experiment.json"]
 
 
+def copy_for_report(experiment, destination, skip=("tune", "*.keras")):
+    """A copy of `experiment` to damage, without what the report never reads
+    (the runs' checkpoints: gigabytes over the tests) and the `skip` patterns."""
+    shutil.copytree(experiment, destination, ignore=shutil.ignore_patterns("checkpoint_*", *skip))
+
+
 @pytest.fixture(scope="module")
 def smoke_experiment(synthetic_store, tmp_path_factory, ray_session):
     """All seven architectures on a 2-CPU Ray runtime, two trials at a time.
@@ -74,7 +80,7 @@ def test_report_rebuilds_from_storage_alone(smoke_experiment):
 def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_experiment, tmp_path):
     def damaged(name, text):
         copy = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras", "checkpoint_*"))
+        copy_for_report(smoke_experiment, copy)
         (copy / name).write_text(text)
         return copy
 
@@ -102,7 +108,7 @@ def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_exper
 
 def test_a_torn_last_line_of_tune_results_is_dropped_but_a_torn_middle_line_is_named(smoke_experiment, tmp_path):
     copy = tmp_path / "e"
-    shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras", "checkpoint_*"))
+    copy_for_report(smoke_experiment, copy)
     for name in ("history.json", "evaluation.json"):  # as if nn's node was lost mid-epoch
         os.remove(copy / "runs" / "nn" / name)
     epochs = [json.dumps({"epoch": e, "val_balanced_accuracy": 0.2 + e / 10, "images_per_second": 50.0})
@@ -120,7 +126,7 @@ def test_a_torn_last_line_of_tune_results_is_dropped_but_a_torn_middle_line_is_n
 
 def test_a_report_without_the_best_model_file_says_it_was_not_exported(smoke_experiment, tmp_path):
     copy = tmp_path / "e"
-    shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras", "checkpoint_*"))
+    copy_for_report(smoke_experiment, copy)
     summary = build_report(str(copy))
     text = (copy / "report.md").read_text()
     assert f"Not exported: `runs/{summary['best']}/model.keras` is missing" in text
@@ -132,7 +138,7 @@ def test_no_ensemble_row_from_a_store_ingested_again_since_the_trials(smoke_expe
         return [line for line in (folder / "results.md").read_text().splitlines() if line.startswith("| ensemble (")]
 
     copy = tmp_path / "e"
-    shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("ensemble", "best", "checkpoint_*"))
+    copy_for_report(smoke_experiment, copy, skip=("ensemble", "best"))
     build_report(str(copy))
     assert len(ensemble_rows(copy)) == 1  # evaluated afresh on the real store
     shutil.rmtree(copy / "ensemble")
@@ -147,7 +153,7 @@ def test_no_ensemble_row_from_a_store_ingested_again_since_the_trials(smoke_expe
 
 def test_a_trial_with_epochs_but_no_evaluation_is_interrupted_not_stopped(smoke_experiment, tmp_path):
     copy = tmp_path / "e"
-    shutil.copytree(smoke_experiment, copy, ignore=shutil.ignore_patterns("tune", "*.keras", "checkpoint_*"))
+    copy_for_report(smoke_experiment, copy)
     os.remove(copy / "runs" / "nn" / "evaluation.json")  # as if the driver died before nn's evaluation
     table, *_ = collect(str(copy))
     assert table.set_index("model").loc["nn", "status"] == "interrupted"
