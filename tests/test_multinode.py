@@ -57,7 +57,7 @@ class LocalCluster:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
-        #: `ray start` processes that exited early (their node never came up).
+        #: `ray start` processes of join attempts that exited early and were given up on.
         self.failed: list[subprocess.Popen] = []
 
     def _node_ports(self) -> list[str]:
@@ -96,6 +96,7 @@ class LocalCluster:
                 # A node that fails to join is started again, as an autoscaler would.
                 if attempt == JOIN_ATTEMPTS or exc.process is not self.procs[-1]:
                     raise
+                self.failed.append(exc.process)
                 print(f"second node failed to join (attempt {attempt}), starting it again:\n{exc}", file=sys.stderr)
 
     def ray(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -112,7 +113,6 @@ class LocalCluster:
         while len(self.nodes()) < count:
             for proc, log in zip(self.procs, self.logs):
                 if proc.poll() is not None and proc not in self.failed:
-                    self.failed.append(proc)
                     raise NodeExited(proc, f"`ray start` exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             if time.time() > deadline:
                 raise RuntimeError(f"{count} Ray node(s) not up after {timeout} s; logs in {self.temp_dir}")
