@@ -5,7 +5,7 @@ The run is resolved the way the CLI resolves it::
     resolve_run(MODEL, store, profile="cpu", overrides={"epochs": EPOCHS}, limit=LIMIT, storage_dir=<tmp>)
 
 and trained once with ``launch.run_local(run)`` (this process, pyarrow reader)
-and once with ``launch.run_ray(run)`` (a one-worker ``TensorflowTrainer``, 1
+and once with ``launch.run_ray(run)`` (a one-worker Ray Train run, 1
 CPU, Ray Data shards), under different names in a temporary storage folder.
 
 Figures, per mode:
@@ -137,7 +137,8 @@ def timed_train_loop(config: dict) -> None:
 
     _event(_os.environ[TIMES_ENV], config["name"], "train_fn_start")
     from skincluster.train import context
-    from skincluster.train.worker import train_loop_per_worker
+    from skincluster.train.ray_backend import train_loop_per_worker
+    from skincluster.train.worker import run_worker  # noqa: F401  (imported here to be timed)
 
     _event(_os.environ[TIMES_ENV], config["name"], "worker_imported")
     patch_report(context.RayContext, _os.environ[TIMES_ENV], config["name"])
@@ -156,7 +157,8 @@ def timed_train_loop_arrays(config: dict) -> None:
     from skincluster.data import pipeline
     from skincluster.data.store import open_store
     from skincluster.train import context
-    from skincluster.train.worker import train_loop_per_worker
+    from skincluster.train.ray_backend import train_loop_per_worker
+    from skincluster.train.worker import run_worker  # noqa: F401  (imported here to be timed)
 
     _event(_os.environ[TIMES_ENV], config["name"], "worker_imported")
     data = config["data"]
@@ -195,7 +197,7 @@ def read_events(path: str, name: str) -> dict[str, float]:
 
 def measure(mode: str, store_uri: str, store, args, storage: str, times_path: str, rep: int) -> dict:
     from skincluster.data import pipeline
-    from skincluster.train import context, launch, worker
+    from skincluster.train import context, launch, ray_backend
 
     name = f"overhead-{mode}-{rep}"
     run = launch.resolve_run(args.model, store_uri, profile="cpu", overrides={"epochs": args.epochs},
@@ -206,7 +208,7 @@ def measure(mode: str, store_uri: str, store, args, storage: str, times_path: st
         patch_report(context.LocalContext, times_path, name)
         result = launch.run_local(run, verbose=0)
     else:
-        original, original_datasets = worker.train_loop_per_worker, pipeline.ray_datasets
+        original, original_datasets = ray_backend.train_loop_per_worker, pipeline.ray_datasets
 
         def timed_datasets(*a, **k):
             _event(times_path, name, "datasets_start")
@@ -215,11 +217,11 @@ def measure(mode: str, store_uri: str, store, args, storage: str, times_path: st
             return out
 
         # run_ray imports both at call time
-        worker.train_loop_per_worker, pipeline.ray_datasets = MODES[mode], timed_datasets
+        ray_backend.train_loop_per_worker, pipeline.ray_datasets = MODES[mode], timed_datasets
         try:
             result = launch.run_ray(run)
         finally:
-            worker.train_loop_per_worker, pipeline.ray_datasets = original, original_datasets
+            ray_backend.train_loop_per_worker, pipeline.ray_datasets = original, original_datasets
     total = time.time() - started
     after = load1()
     history = result.history

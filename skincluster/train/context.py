@@ -23,6 +23,10 @@ from skincluster import storage
 from skincluster.data import pipeline
 from skincluster.data.store import Store
 
+#: In the final checkpoint of a run: the model to keep and its evaluation.
+FINAL_MODEL = "model.keras"
+FINAL_EVALUATION = "evaluation.json"
+
 #: A local run's checkpoint folder, under its run folder.
 CHECKPOINTS = "checkpoints"
 #: The worker's record of a checkpoint (epoch, history, callback state, the run's settings).

@@ -8,7 +8,6 @@ import numpy as np
 
 from skincluster.data import pipeline
 from skincluster.data.store import Store
-from skincluster.train.metrics import evaluate_predictions
 
 EVAL_BATCH = 64
 
@@ -26,6 +25,10 @@ def predict_split(model, store: Store, split: str, limit: int | None, seed: int)
 
 def evaluate_model(model, store: Store, limit: int | None, seed: int) -> dict[str, Any]:
     """Test metrics at the top level (``balanced_accuracy``, ``melanoma_recall``, ...), val under ``val``."""
+    # Imported here: the metrics module imports TensorFlow, and format_summary is
+    # used by each trial's process, which does not otherwise import it.
+    from skincluster.train.metrics import evaluate_predictions
+
     labels, probs = predict_split(model, store, "test", limit, seed)
     result = evaluate_predictions(labels, probs, store.class_names)
     val_labels, val_probs = predict_split(model, store, "val", limit, seed)

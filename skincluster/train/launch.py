@@ -35,7 +35,7 @@ from skincluster.config import (
 )
 from skincluster.data.splits import SPLITS
 from skincluster.data.store import Store, StoreError, open_store
-from skincluster.train.context import CHECKPOINTS, checkpoint_epoch
+from skincluster.train.context import CHECKPOINTS, FINAL_EVALUATION, FINAL_MODEL, checkpoint_epoch
 
 #: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
 DATA_CPU_RESERVE = 0.5
@@ -162,7 +162,7 @@ def finished_result(run: TrainRun) -> RunResult | None:
 def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
     """Run the worker loop in this process, without Ray (debug mode: breakpoints work)."""
     from skincluster.train.context import LocalContext
-    from skincluster.train.worker import FINAL_MODEL, run_worker
+    from skincluster.train.worker import run_worker
 
     done = finished_result(run)
     if done:
@@ -188,7 +188,7 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
                        mirror=run_dir if work_dir != run_dir else None)
     history = run_worker(run, ctx, verbose=verbose)
     with ctx.latest_checkpoint() as checkpoint:
-        result = _finish(run, history, os.path.join(checkpoint, FINAL_MODEL))
+        result = _finish(run, history, checkpoint)
     if work_dir != run_dir:
         # The run is finished in the URI (evaluation.json): its local checkpoints are no longer needed.
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -196,14 +196,14 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
 
 
 def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose: bool = True) -> RunResult:
-    """Run as a Ray Train run (TensorflowTrainer); resumes if `name` already has checkpoints."""
+    """Run as a Ray Train run (TensorFlow's backend); resumes if `name` already has checkpoints."""
     import ray
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from skincluster.data.pipeline import ray_datasets
     from skincluster.train.context import STATE_FILE
-    from skincluster.train.worker import FINAL_MODEL, train_loop_per_worker
+    from skincluster.train.ray_backend import TensorflowBackendConfig, train_loop_per_worker
 
     done = finished_result(run)
     if done:
@@ -217,8 +217,9 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.gpus_per_worker:
         resources["GPU"] = scaling.gpus_per_worker
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(
         train_loop_per_worker,
+        backend_config=TensorflowBackendConfig(),  # ray_backend.py: why not TensorflowTrainer
         train_loop_config=dataclasses.asdict(run),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.workers, use_gpu=scaling.gpus_per_worker > 0, resources_per_worker=resources
@@ -240,7 +241,7 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
     with result.checkpoint.as_directory() as folder:
         with open(os.path.join(folder, STATE_FILE), encoding="utf-8") as fh:
             history = json.load(fh)["history"]
-        return _finish(run, history, os.path.join(folder, FINAL_MODEL))
+        return _finish(run, history, folder)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -390,14 +391,18 @@ def _write_config(run: TrainRun, resumes: bool) -> None:
     storage.write_json_atomic(fs, f"{path}/{CONFIG_FILE}", dataclasses.asdict(run))
 
 
-def _finish(run: TrainRun, history: list[dict[str, Any]], model_path: str) -> RunResult:
-    """Evaluate the final model on the test split; write model, history, evaluation."""
-    from skincluster.models import load_model
-    from skincluster.train.evaluate import evaluate_model
+def _finish(run: TrainRun, history: list[dict[str, Any]], checkpoint: str) -> RunResult:
+    """Write the final checkpoint's model, the history and the model's evaluation into the run folder."""
+    model_path = os.path.join(checkpoint, FINAL_MODEL)
+    evaluation_path = os.path.join(checkpoint, FINAL_EVALUATION)
+    if os.path.exists(evaluation_path):  # the worker evaluated it (rank 0)
+        with open(evaluation_path, encoding="utf-8") as fh:
+            evaluation = json.load(fh)
+    else:  # a final checkpoint from before workers evaluated, resumed
+        from skincluster.models import load_model
+        from skincluster.train.evaluate import evaluate_model
 
-    model = load_model(model_path)
-    store = open_run_store(run)
-    evaluation = evaluate_model(model, store, run.data.limit, run.data.seed)
+        evaluation = evaluate_model(load_model(model_path), open_run_store(run), run.data.limit, run.data.seed)
     evaluation.update(model=run.model, epochs_run=len(history), epoch_budget=run.recipe.epochs)
     fs, path = storage.resolve(run_dir_of(run))
     with open(model_path, "rb") as fh:

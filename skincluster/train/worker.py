@@ -24,10 +24,18 @@ import tf_keras as keras
 from skincluster.config import IMAGE_SHAPE, TrainRun, changed_settings
 from skincluster.data.pipeline import mixup_batches
 from skincluster.models.training import WeightAverage
-from skincluster.train.context import STATE_FILE, RunContext, read_checkpoint_state, scratch_dir
+from skincluster.data.store import open_store
+from skincluster.train.context import (
+    FINAL_EVALUATION,
+    FINAL_MODEL,
+    STATE_FILE,
+    RunContext,
+    read_checkpoint_state,
+    scratch_dir,
+)
+from skincluster.train.evaluate import evaluate_model
 from skincluster.train.strategy import any_replica, choose_strategy
 
-FINAL_MODEL = "model.keras"
 WEIGHTS_PREFIX = "tf_ckpt"
 BEST_WEIGHTS = "best_weights.npz"
 #: With Recipe.ema_decay, the checkpointed model holds the weight average (it
@@ -36,13 +44,6 @@ TRAINING_WEIGHTS = "training_weights.npz"
 #: Callback attributes that must survive a restart for LR plateau, early
 #: stopping and the weight average to behave as if training had never stopped.
 RESUMABLE_ATTRIBUTES = ("wait", "best", "cooldown_counter", "best_epoch", "stopped_epoch", "updates")
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (`TensorflowTrainer(train_loop_per_worker=...)`)."""
-    from skincluster.train.context import RayContext
-
-    run_worker(TrainRun.from_dict(config), RayContext())
 
 
 def run_worker(run: TrainRun, ctx: RunContext, verbose: int = 0) -> list[dict[str, Any]]:
@@ -158,7 +159,8 @@ class EpochReporter(keras.callbacks.Callback):
     Runs after the LR-plateau and early-stopping callbacks, so it sees their
     decision for this epoch. On the last epoch, or when early stopping fires,
     it restores the best weights and adds the final ``model.keras`` to the
-    checkpoint, so the run's result is in its newest checkpoint.
+    checkpoint, so the run's result is in its newest checkpoint. Rank 0 adds
+    that model's evaluation on the test and val splits as well.
     """
 
     def __init__(self, run, ctx, checkpoint, callbacks, state, best_weights, epoch_box, global_batch):
@@ -257,6 +259,13 @@ class EpochReporter(keras.callbacks.Callback):
                 np.savez(os.path.join(folder, TRAINING_WEIGHTS), **{f"w{i}": w for i, w in enumerate(weights)})
             if final:
                 self.model.save(os.path.join(folder, FINAL_MODEL))
+                if self.ctx.world_rank == 0:
+                    # Here rather than in the trial's process, which then never imports TensorFlow.
+                    # Inference only: no collective, so the other workers simply wait in report().
+                    data = self.run.data
+                    evaluation = evaluate_model(self.model, open_store(data.store), data.limit, data.seed)
+                    with open(os.path.join(folder, FINAL_EVALUATION), "w", encoding="utf-8") as fh:
+                        json.dump(evaluation, fh)
             with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
                 json.dump({**self.state, "run": dataclasses.asdict(self.run)}, fh, indent=1)
             self.ctx.report(metrics, folder if self.ctx.world_rank == 0 else None)

@@ -7,9 +7,11 @@ Layout of an experiment folder ``<storage>/<name>/`` (local or a URI)::
     tune/                    Ray Tune's own state (used to restore the experiment)
     results.csv, results.md, report.md, curves/*.png, confusion/*.png, best/model.keras
 
-Each trial is a small Tune function that builds a `TensorflowTrainer` and
-calls `.fit()` (the Train V2 pattern); `TuneReportCallback` turns each epoch's
-rank-0 report into a Tune iteration, which is what schedulers act on.
+Each trial is a small Tune function that builds a Ray Train trainer with
+TensorFlow's backend and calls `.fit()` (the Train V2 pattern);
+`TuneReportCallback` turns each epoch's rank-0 report into a Tune iteration,
+which is what schedulers act on. The trial's process never imports
+TensorFlow: rank 0 evaluates the final model (train/ray_backend.py says why).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from skincluster.train.launch import (
 )
 
 #: CPU held by each trial's own process: it only waits on the Train run and then
-#: evaluates the final model, so a small share is enough.
+#: copies its result into the run folder, so a small share is enough.
 TRIAL_CPU = 0.25
 METRIC = "val_balanced_accuracy"
 
@@ -147,7 +149,7 @@ def concurrent_trials(scaling: Scaling, available: dict[str, float]) -> int:
 
 
 def _trial(config: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
-    """One Tune trial: the Train run of one architecture (or variant), then its test evaluation."""
+    """One Tune trial: the Train run of one architecture (or variant), with its test evaluation."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from skincluster.train.evaluate import format_summary
