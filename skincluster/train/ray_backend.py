@@ -44,7 +44,8 @@ def _worker_address() -> str:
 
 
 def _set_tf_config(worker_addresses: list[str], index: int) -> None:
-    os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": worker_addresses}, "task": {"type": "worker", "index": index}})
+    tf_config = {"cluster": {"worker": worker_addresses}, "task": {"type": "worker", "index": index}}
+    os.environ["TF_CONFIG"] = json.dumps(tf_config)
 
 
 class _TensorflowBackend(Backend):
