@@ -1,3 +1,4 @@
+import collections
 import os
 import sys
 from pathlib import Path
@@ -16,14 +17,31 @@ import pytest  # noqa: E402
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`pytest -n 2 --dist=loadgroup`) tests run in groups,
-    one group at a time per worker: every test on the session's Ray runtime in
-    one ("ray": one runtime with the 2 CPUs the tests size their trials for,
-    no second one started beside it by another worker), and every other
-    test with its module, so a module's fixtures are built once."""
+    """The suite runs on two pytest-xdist workers (`-n 2 --dist=loadgroup` in
+    pyproject.toml), one test group at a time per worker: every test on the
+    session's Ray runtime in one ("ray": one runtime with the 2 CPUs the tests
+    size their trials for, no second one started beside it by another
+    worker), the two-node cluster's tests in another, and every other test
+    with its module, so a module's fixtures are built once.
+
+    The groups are queued longest first (`--no-loadscope-reorder` keeps this
+    order): the Ray group and the cluster's take most of the suite's time, and
+    a long group started last would run alone at the end while the other
+    worker has nothing left to do."""
+    groups = {}
     for item in items:
-        ray = "ray_session" in item.fixturenames or item.get_closest_marker("ray")
-        item.add_marker(pytest.mark.xdist_group("ray" if ray else item.module.__name__))
+        if "ray_session" in item.fixturenames or item.get_closest_marker("ray"):
+            group = "ray"
+        elif item.get_closest_marker("cluster"):
+            group = "cluster"
+        else:
+            group = item.module.__name__
+        groups[item] = group
+        item.add_marker(pytest.mark.xdist_group(group))
+    sizes = collections.Counter(groups.values())
+    first = {"ray": 0, "cluster": 1}
+    # Then the larger modules (more tests, more time): xdist's own order.
+    items.sort(key=lambda item: (first.get(groups[item], 2), -sizes[groups[item]], groups[item]))
 
 
 def pytest_configure(config):
@@ -60,6 +78,10 @@ def ray_session():
 
     from skincluster.train.launch import ensure_ray
 
+    # Ray starts its workers at nice 15. Beside the other pytest-xdist worker's
+    # TensorFlow (nice 0) the trials would get a few percent of the CPU and the
+    # Ray group, the longest, would end last by far: share the CPU evenly.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()
