@@ -14,6 +14,12 @@ SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_7_5_224_tf_no_top.h5"
 
 import pytest  # noqa: E402
 
+#: For every Ray runtime the tests start. Ray starts its workers at nice 15;
+#: beside the other pytest-xdist worker's TensorFlow (nice 0) the trials would
+#: get a few percent of the CPU and the Ray groups, the longest, would end last
+#: by far: they share the CPU evenly instead.
+RAY_TEST_ENV = {"RAY_worker_niceness": "0"}
+
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
@@ -78,10 +84,8 @@ def ray_session():
 
     from skincluster.train.launch import ensure_ray
 
-    # Ray starts its workers at nice 15. Beside the other pytest-xdist worker's
-    # TensorFlow (nice 0) the trials would get a few percent of the CPU and the
-    # Ray group, the longest, would end last by far: share the CPU evenly.
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    for key, value in RAY_TEST_ENV.items():
+        os.environ.setdefault(key, value)
     ensure_ray(num_cpus=2)
     yield ray
     ray.shutdown()

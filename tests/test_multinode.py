@@ -28,13 +28,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import RAY_TEST_ENV, REPO
 from skincluster import storage
 from skincluster.train.launch import _free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 #: One trial: what the test checks is where its two workers ran; a second model
-#: would only repeat that (it cost about 40 s of the suite).
+#: would only repeat that.
 MODELS = ("nn",)
 pytestmark = pytest.mark.cluster
 
@@ -194,9 +194,7 @@ def cluster(s3_server):
     token.write_text(generate_new_authentication_token())
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_", "AWS_"))}  # nothing of the test session's Ray, nor its S3 settings
-    # Workers at nice 0, as the session's Ray (conftest.ray_session): the other
-    # pytest-xdist worker's tests would otherwise starve them.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_worker_niceness="0")
+    env.update(RAY_TEST_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     local = LocalCluster(env, temp_dir)
     try:
         local.start()
