@@ -133,6 +133,22 @@ def test_the_worker_refuses_a_checkpoint_of_other_settings(local_result, tmp_pat
         run_worker(other, ctx, verbose=0)
 
 
+def test_the_final_evaluation_refuses_a_store_ingested_again_during_the_run(local_result, tmp_path):
+    """Rank 0 evaluates the final model on the store as the run's start found it,
+    or not at all (the driver evaluated on a checked store before workers did)."""
+    from skincluster.data.store import StoreError, open_store
+    from skincluster.train.context import LocalContext
+    from skincluster.train.worker import run_worker
+
+    run = local_result.run
+    # As if the store had been ingested again after the run's start checked it.
+    moved = dataclasses.replace(run, data=dataclasses.replace(run.data, fingerprint="the store the run began on"))
+    ctx = LocalContext(str(tmp_path), open_store(run.data.store), run.data.limit, run.data.seed)
+    with pytest.raises(StoreError, match=r"has changed since run 'local' was set up from it \(fingerprint differs\)"):
+        run_worker(moved, ctx, verbose=0)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if (p / "evaluation.json").exists()]
+
+
 def test_a_store_ingested_again_since_the_run_was_set_up_is_refused(synthetic_store, tmp_path):
     """A comparison resolves its trials at the start; a re-ingest with other
     splits, or other test images under the same splits, before a later trial

@@ -24,7 +24,6 @@ import tf_keras as keras
 from skincluster.config import IMAGE_SHAPE, TrainRun, changed_settings
 from skincluster.data.pipeline import mixup_batches
 from skincluster.models.training import WeightAverage
-from skincluster.data.store import open_store
 from skincluster.train.context import (
     FINAL_EVALUATION,
     FINAL_MODEL,
@@ -262,8 +261,12 @@ class EpochReporter(keras.callbacks.Callback):
                 if self.ctx.world_rank == 0:
                     # Here rather than in the trial's process, which then never imports TensorFlow.
                     # Inference only: no collective, so the other workers simply wait in report().
+                    # The store is checked again, as at the run's start: one ingested again
+                    # since would give the model another test set (launch.open_run_store).
+                    from skincluster.train.launch import open_run_store
+
                     data = self.run.data
-                    evaluation = evaluate_model(self.model, open_store(data.store), data.limit, data.seed)
+                    evaluation = evaluate_model(self.model, open_run_store(self.run), data.limit, data.seed)
                     with open(os.path.join(folder, FINAL_EVALUATION), "w", encoding="utf-8") as fh:
                         json.dump(evaluation, fh)
             with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as fh:
