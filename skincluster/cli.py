@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     from skincluster.data.ham10000 import SourceError
     from skincluster.data.ingest import IngestError
     from skincluster.data.store import StoreError
-    from skincluster.train.launch import ResourceError, RunFailed
+    from skincluster.train.launch import RunFailed
+    from skincluster.train.resources import ResourceError
 
     try:
         return int(args.func(args) or 0)

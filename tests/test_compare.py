@@ -18,8 +18,7 @@ import pytest
 from skincluster.cli import main as cli_main
 from skincluster.config import Scaling
 from skincluster.models import list_models
-from skincluster.train.launch import ResourceError
-from skincluster.tune.compare import Comparison, concurrent_trials, resolve_runs, run_comparison
+from skincluster.tune.compare import Comparison, resolve_runs, run_comparison
 from skincluster.tune.report import ReportError, build_report, collect
 
 pytestmark = pytest.mark.ray
@@ -452,16 +451,6 @@ def test_asha_judges_a_resumed_trial_by_its_epoch():
             scheduler.on_trial_result(None, trial, {"epoch": epoch, "training_iteration": epoch, METRIC: score})
     decision = scheduler.on_trial_result(None, resumed, {"epoch": 6, "training_iteration": 1, METRIC: 0.1})
     assert decision == "STOP"
-
-
-def test_concurrency_follows_free_resources():
-    one = Scaling(workers=1, cpus_per_worker=1)
-    assert concurrent_trials(one, {"CPU": 2}) == 1
-    assert concurrent_trials(one, {"CPU": 16}) == 9
-    gpu = Scaling(workers=1, cpus_per_worker=4, gpus_per_worker=1)
-    assert concurrent_trials(gpu, {"CPU": 64, "GPU": 4}) == 4
-    with pytest.raises(ResourceError, match="Lower --cpus-per-worker"):
-        concurrent_trials(Scaling(workers=2, cpus_per_worker=1), {"CPU": 2})
 
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(killed_and_resumed_smoke):

@@ -82,3 +82,12 @@ def test_trials_stopped_by_tune_release_their_workers(ray_session, second_ray_in
             break
         time.sleep(1)
     assert not held, f"placement groups of stopped trials still hold CPUs: {held}"
+
+
+def test_a_local_runtime_is_its_one_node(ray_session):
+    from skincluster.train.resources import cluster_capacity
+
+    capacity = cluster_capacity()
+    assert not capacity.autoscaling and capacity.source == "its 1 node(s) now"
+    assert capacity.totals == {"CPU": ray_session.cluster_resources()["CPU"], "GPU": 0}
+    assert capacity.nodes == ({"CPU": capacity.totals["CPU"], "GPU": 0},)

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from skincluster.config import Scaling
-from skincluster.train.launch import ResourceError, _write_config, check_resources, resolve_run, run_local, run_ray
+from skincluster.train.launch import _write_config, resolve_run, run_local, run_ray
 
 EPOCH_KEYS = {"loss", "accuracy", "balanced_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy", "epoch"}
 
@@ -321,14 +321,6 @@ def test_mixup_resumes_as_if_never_killed(synthetic_store, tmp_path):
     # is not passed as well): without them the same blends give other losses.
     unweighted = _smoke_run(synthetic_store, tmp_path, "mixup-unweighted", {"epochs": 4, "mixup_alpha": 0.4})
     assert unweighted[0]["loss"] != pytest.approx(whole[0]["loss"], rel=1e-3)
-
-
-def test_resource_check_leaves_cpu_for_ray_data():
-    check_resources(Scaling(workers=2, cpus_per_worker=0.5), {"CPU": 2})
-    with pytest.raises(ResourceError, match="Ray Data"):
-        check_resources(Scaling(workers=2, cpus_per_worker=1), {"CPU": 2})
-    with pytest.raises(ResourceError, match="GPU"):
-        check_resources(Scaling(workers=2, gpus_per_worker=1, cpus_per_worker=0.5), {"CPU": 8, "GPU": 1})
 
 
 def test_a_trials_process_and_the_train_controller_never_import_tensorflow():

@@ -36,17 +36,12 @@ from skincluster.config import (
 from skincluster.data.splits import SPLITS
 from skincluster.data.store import Store, StoreError, open_store
 from skincluster.train.context import CHECKPOINTS, FINAL_EVALUATION, FINAL_MODEL, checkpoint_epoch
+from skincluster.train.resources import check_resources, cluster_capacity
 
-#: CPU left free for Ray Data on top of the training workers (its read tasks ask for 0.25 each).
-DATA_CPU_RESERVE = 0.5
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 EVALUATION_FILE = "evaluation.json"
 MODEL_FILE = "model.keras"
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot fit the requested workers plus Ray Data."""
 
 
 class RunFailed(RuntimeError):
@@ -195,8 +190,13 @@ def run_local(run: TrainRun, verbose: int = 1) -> RunResult:
     return result
 
 
-def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose: bool = True) -> RunResult:
-    """Run as a Ray Train run (TensorFlow's backend); resumes if `name` already has checkpoints."""
+def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, check_capacity: bool = True) -> RunResult:
+    """Run as a Ray Train run (TensorFlow's backend); resumes if `name` already has checkpoints.
+
+    `check_capacity=False` when the caller has checked the run against the
+    cluster already: a comparison's driver does, on the head node, for every
+    trial; a trial may run on a node without the autoscaler's config.
+    """
     import ray
     import ray.train
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -209,7 +209,8 @@ def run_ray(run: TrainRun, *, run_config_callbacks: list | None = None, verbose:
     if done:
         return done
     ensure_ray()
-    check_resources(run.scaling)
+    if check_capacity:
+        check_resources(run.scaling, cluster_capacity(), run.name)
     store = open_run_store(run)
     _write_config(run, resumes=_has_checkpoints(run_dir_of(run)))
     datasets = ray_datasets(store, ("train", "val"), run.data.limit, run.data.seed)
@@ -300,34 +301,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def check_resources(scaling: Scaling, available: dict[str, float] | None = None) -> None:
-    """Refuse, with the numbers, a request that would leave Ray Data without CPU.
-
-    Ray schedules by logical CPUs: if the training workers take all of them,
-    Ray Data's tasks never start and the run waits for ever (seen with
-    ``ray.init(num_cpus=2)`` and two 1-CPU workers).
-    """
-    if available is None:
-        import ray
-
-        available = ray.cluster_resources()
-    cpus = float(available.get("CPU", 0))
-    gpus = float(available.get("GPU", 0))
-    need_cpu = scaling.workers * scaling.cpus_per_worker + DATA_CPU_RESERVE
-    need_gpu = scaling.workers * scaling.gpus_per_worker
-    problems = []
-    if need_cpu > cpus + 1e-9:
-        fit = max((cpus - DATA_CPU_RESERVE) / scaling.workers, 0)
-        problems.append(
-            f"{scaling.workers} worker(s) x {scaling.cpus_per_worker} CPU + {DATA_CPU_RESERVE} CPU for Ray Data "
-            f"= {need_cpu:g} CPUs, but the cluster has {cpus:g}; use --cpus-per-worker {fit:.2g} or fewer workers"
-        )
-    if need_gpu > gpus + 1e-9:
-        problems.append(f"{scaling.workers} worker(s) x {scaling.gpus_per_worker} GPU = {need_gpu:g} GPUs, cluster has {gpus:g}")
-    if problems:
-        raise ResourceError("the cluster cannot fit this run: " + "; ".join(problems))
 
 
 RUN_FOLDER_HINT = "move the run folder away or use another --name"

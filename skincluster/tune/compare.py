@@ -17,9 +17,8 @@ TensorFlow: rank 0 evaluates the final model (train/ray_backend.py says why).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from skincluster import storage
 from skincluster.config import (
@@ -32,13 +31,13 @@ from skincluster.config import (
     replace_fields,
 )
 from skincluster.data.store import open_store
-from skincluster.train.launch import (
+from skincluster.train.launch import RunFailed, check_resumable, ensure_ray, resolve_run
+from skincluster.train.resources import (
     DATA_CPU_RESERVE,
+    Capacity,
     ResourceError,
-    RunFailed,
-    check_resumable,
-    ensure_ray,
-    resolve_run,
+    check_resources,
+    cluster_capacity,
 )
 
 #: CPU held by each trial's own process: it only waits on the Train run and then
@@ -130,21 +129,28 @@ def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
     return runs
 
 
-def concurrent_trials(scaling: Scaling, available: dict[str, float]) -> int:
-    """How many trials fit at once: each needs its workers, its own small share, and Ray Data's reserve."""
-    cpu_per_trial = scaling.workers * scaling.cpus_per_worker + TRIAL_CPU + DATA_CPU_RESERVE
-    by_cpu = math.floor(float(available.get("CPU", 0)) / cpu_per_trial + 1e-9)
-    by_gpu = math.inf
-    if scaling.gpus_per_worker:
-        by_gpu = math.floor(float(available.get("GPU", 0)) / (scaling.workers * scaling.gpus_per_worker) + 1e-9)
-    fit = int(min(by_cpu, by_gpu))
-    if fit < 1:
-        raise ResourceError(
-            f"one trial needs {cpu_per_trial:g} CPUs ({scaling.workers} worker(s) x {scaling.cpus_per_worker} "
-            f"+ {TRIAL_CPU} for the trial + {DATA_CPU_RESERVE} for Ray Data) and "
-            f"{scaling.workers * scaling.gpus_per_worker:g} GPUs; the cluster has {available.get('CPU', 0):g} CPUs "
-            f"and {available.get('GPU', 0):g} GPUs. Lower --cpus-per-worker or --workers."
-        )
+def concurrent_trials(scalings: Mapping[str, Scaling], capacity: Capacity) -> int:
+    """How many trials may run at once: as many as fit together even when the
+    largest of them run side by side. Each needs its workers, its own small
+    share and Ray Data's reserve; one that can never fit is an error naming it.
+    """
+    cpus, gpus = [], []
+    for trial, scaling in scalings.items():
+        check_resources(scaling, capacity, f"trial {trial}")
+        cpus.append(scaling.workers * scaling.cpus_per_worker + TRIAL_CPU + DATA_CPU_RESERVE)
+        gpus.append(scaling.workers * scaling.gpus_per_worker)
+        if cpus[-1] > capacity.totals.get("CPU", 0) + 1e-9:
+            raise ResourceError(
+                f"trial {trial} needs {cpus[-1]:g} CPUs ({scaling.workers} worker(s) x {scaling.cpus_per_worker:g} "
+                f"+ {TRIAL_CPU} for the trial + {DATA_CPU_RESERVE} for Ray Data); the cluster has "
+                f"{capacity.describe()}. Lower --cpus-per-worker or --workers."
+            )
+    cpus.sort(reverse=True)
+    gpus.sort(reverse=True)
+    fit = 1
+    while (fit < len(cpus) and sum(cpus[:fit + 1]) <= capacity.totals.get("CPU", 0) + 1e-9
+           and sum(gpus[:fit + 1]) <= capacity.totals.get("GPU", 0) + 1e-9):
+        fit += 1
     return fit
 
 
@@ -156,13 +162,13 @@ def _trial(config: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
     from skincluster.train.launch import run_ray
 
     run = TrainRun.from_dict(runs[config["model"]])
-    result = run_ray(run, run_config_callbacks=[TuneReportCallback()])
+    # The driver checked every trial against the cluster (run_comparison).
+    result = run_ray(run, run_config_callbacks=[TuneReportCallback()], check_capacity=False)
     print(format_summary(run.name, result.evaluation), flush=True)
 
 
 def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     """Run (or resume) the comparison; build the report; return the experiment folder."""
-    import ray
     from ray import tune
 
     from skincluster.tune.report import build_report
@@ -174,14 +180,17 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
     _check_same_trials(fs, path, spec, runs, resuming)
     for run in runs.values():  # also without Tune's state: the trials' own folders may hold checkpoints
         check_resumable(run)
+    ensure_ray()
+    capacity = cluster_capacity()
+    fit = concurrent_trials({trial: run.scaling for trial, run in runs.items()}, capacity)
+    max_concurrent = spec.max_concurrent or fit
+    print(f"{len(runs)} trial(s), {max_concurrent} at a time; the cluster has {capacity.describe()}", flush=True)
     fs.create_dir(path, recursive=True)
     storage.write_json_atomic(
         fs,
         f"{path}/experiment.json",
         {"comparison": dataclasses.asdict(spec), "runs": {m: dataclasses.asdict(r) for m, r in runs.items()}},
     )
-    ensure_ray()
-    max_concurrent = spec.max_concurrent or concurrent_trials(spec.scaling, ray.cluster_resources())
 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, runs={m: dataclasses.asdict(r) for m, r in runs.items()}),
