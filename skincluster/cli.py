@@ -10,7 +10,7 @@ import argparse
 import signal
 import sys
 
-from skincluster.config import PROFILES
+from skincluster.config import PROFILES, Scaling
 
 
 
@@ -103,24 +103,58 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
-def _add_run_options(p) -> None:
+def _add_run_options(p, per_trial: bool = False) -> None:
     """Options shared by `train` and `compare`: size, hardware, recipe overrides."""
     p.add_argument("--profile", choices=tuple(PROFILES), default="full",
                    help="smoke: seconds on a CPU; cpu: sized for CPUs; full: the study's epochs (default)")
     p.add_argument("--limit", type=int, default=None, help="train on N images (val/test shrink in proportion)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per run (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0)
-    p.add_argument("--cpus-per-worker", type=float, default=1)
-    p.add_argument("--max-failures", type=int, default=2, help="worker restarts allowed per run (default 2)")
+    for option, field, kind, help_text in _SCALING_OPTIONS:
+        if per_trial:
+            # Repeatable, [TRIAL:]VALUE: a comparison's trials may each need other hardware.
+            p.add_argument(option, dest=field, action="append", default=[], metavar="[TRIAL:]N",
+                           help=f"{help_text}; prefix an architecture or variant for that trial only, "
+                                f"e.g. {option} mobilenet_enhanced:{'4' if field != 'cpus_per_worker' else '8'} "
+                                "(repeatable)")
+        else:
+            p.add_argument(option, dest=field, type=kind, default=getattr(Scaling(), field), help=help_text)
     _add_recipe_options(p)
 
 
-def _scaling(args):
-    from skincluster.config import Scaling
+#: The hardware options of `train` and `compare`: option, Scaling field, its type, help.
+_SCALING_OPTIONS = (
+    ("--workers", "workers", int, "Ray Train workers per run (default 1)"),
+    ("--gpus-per-worker", "gpus_per_worker", float, "GPUs per worker (default 0)"),
+    ("--cpus-per-worker", "cpus_per_worker", float, "CPUs per worker (default 1)"),
+    ("--max-failures", "max_failures", int, "worker restarts allowed per run (default 2)"),
+)
 
+
+def _scaling(args):
     return Scaling(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                    cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+
+
+def _trial_scalings(args) -> tuple[Scaling, dict[str, dict[str, str]]]:
+    """`compare`'s hardware options: the scaling of every trial, and the per-trial ones by trial name."""
+    from skincluster.config import replace_fields
+
+    default: dict[str, str] = {}
+    per_trial: dict[str, dict[str, str]] = {}
+    for option, field, _, _ in _SCALING_OPTIONS:
+        for text in getattr(args, field):
+            trial, sep, value = (part.strip() for part in text.rpartition(":"))
+            if sep and not trial:
+                raise ValueError(f"{option} {text!r}: name the trial before ':', e.g. {option} nn:1")
+            target = per_trial.setdefault(trial, {}) if sep else default
+            if field in target:
+                raise ValueError(f"{option} is given twice for {trial or 'every trial'}")
+            target[field] = value
+    try:
+        scaling = replace_fields(Scaling(), default)
+    except ValueError as exc:
+        raise ValueError(f"hardware for every trial: {exc}") from None
+    return scaling, per_trial
 
 
 def _add_recipe_options(p) -> None:
@@ -179,13 +213,14 @@ def _add_compare(sub) -> None:
     p.add_argument("--scheduler", choices=("plateau", "asha"), default="plateau",
                    help="plateau: each recipe's own early stopping (default); asha: Tune's ASHA on val balanced accuracy")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
-    _add_run_options(p)
+    _add_run_options(p, per_trial=True)
     p.set_defaults(func=_run_compare)
 
 
 def _run_compare(args) -> int:
     from skincluster.tune.compare import Comparison, run_comparison
 
+    scaling, trial_scaling = _trial_scalings(args)
     spec = Comparison(
         data=args.data,
         storage=args.storage,
@@ -195,7 +230,8 @@ def _run_compare(args) -> int:
         profile=args.profile,
         patience=args.patience,
         scheduler=args.scheduler,
-        scaling=_scaling(args),
+        scaling=scaling,
+        trial_scaling=trial_scaling,
         overrides=_recipe_overrides(args),
         limit=args.limit,
         seed=args.seed,

@@ -269,6 +269,9 @@ def test_a_resume_must_keep_what_results_depend_on_and_may_change_the_hardware(s
         check(scaling=Scaling(workers=2))  # the global batch grows with the replicas
     with pytest.raises(ValueError, match=r"other settings \(--scheduler plateau -> asha\)"):
         check(scheduler="asha")
+    check(trial_scaling={"nn": {"cpus_per_worker": "0.5"}})  # one trial's hardware, likewise
+    with pytest.raises(ValueError, match=r"other settings \(nn scaling.workers 1 -> 2\)"):
+        check(trial_scaling={"nn": {"workers": "2"}})
     with open(os.path.join(path, "experiment.json"), "w") as fh:
         fh.write('{"runs": [')
     with pytest.raises(ValueError, match=r"x/experiment.json: unreadable"):
@@ -321,12 +324,51 @@ def test_bad_patience_is_an_error_before_anything_runs(synthetic_store, tmp_path
     (["--models", "nn", "--patience", "-1"], "--patience must be at least 0"),  # nn has no early stopping
     (["--models", "nn", "--limit", "0"], "--limit must be positive, got 0"),
     (["--models", "nn", "--max-concurrent", "0"], "--max-concurrent must be at least 1"),
+    (["--models", "nn", "--workers", ":2"], "--workers ':2': name the trial before ':'"),
+    (["--models", "nn", "--workers", "nn:2", "--workers", "nn:3"], "--workers is given twice for nn"),
+    (["--models", "nn", "--gpus-per-worker", "1", "--gpus-per-worker", "2"], "given twice for every trial"),
+    (["--models", "nn", "--workers", "two"], "hardware for every trial: workers='two': cannot be read"),
+    (["--models", "nn", "--workers", "nn:0"], "hardware for nn: workers must be at least 1, got 0"),
+    (["--models", "nn", "--cpus-per-worker", "nnn:2"], "hardware for nnn: no model or variant of that name"),
+    # A bad value for an architecture this run does not train is still a typo.
+    (["--models", "nn", "--gpus-per-worker", "cnn:-1"], "hardware for cnn: gpus_per_worker and cpus_per_worker"),
 ])
 def test_bad_compare_arguments_are_errors_before_anything_runs(synthetic_store, tmp_path, capsys, arguments, message):
     assert cli_main(["compare", "--data", synthetic_store, "--storage", str(tmp_path), "--profile", "smoke",
                      *arguments]) == 2
     assert message in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_each_trial_may_have_its_own_hardware(synthetic_store, tmp_path):
+    """The 500-epoch enhanced MobileNet may take a node's GPUs while a small model takes one or none."""
+    spec = Comparison(
+        data=synthetic_store, storage=str(tmp_path), name="x", profile="smoke",
+        models=("nn", "mobilenet", "mobilenet_enhanced"), variants={"mobilenet_b": "mobilenet"},
+        scaling=Scaling(gpus_per_worker=1, cpus_per_worker=4),
+        trial_scaling={"mobilenet_enhanced": {"workers": "4"}, "nn": {"gpus_per_worker": "0", "cpus_per_worker": "2"},
+                       "mobilenet": {"max_failures": "5"}, "mobilenet_b": {"cpus_per_worker": "8"}},
+        overrides={"mobilenet_b:batch_size": "64"},
+    )
+    scalings = {trial: run.scaling for trial, run in resolve_runs(spec).items()}
+    assert scalings == {
+        "nn": Scaling(gpus_per_worker=0, cpus_per_worker=2),
+        "mobilenet": Scaling(gpus_per_worker=1, cpus_per_worker=4, max_failures=5),
+        "mobilenet_enhanced": Scaling(workers=4, gpus_per_worker=1, cpus_per_worker=4),
+        # A variant takes its architecture's hardware, then its own.
+        "mobilenet_b": Scaling(gpus_per_worker=1, cpus_per_worker=8, max_failures=5),
+    }
+
+
+def test_the_report_names_each_trials_hardware_when_they_differ():
+    from skincluster.tune.report import _hardware
+
+    def run(workers, gpus):
+        return {"scaling": {"workers": workers, "gpus_per_worker": gpus}}
+
+    assert _hardware({"nn": run(1, 0), "cnn": run(1, 0)}) == "1 worker(s) x 0 GPU per trial"
+    assert _hardware({"nn": run(1, 0), "mobilenet_enhanced": run(4, 1)}) == (
+        "per trial: nn 1 worker(s) x 0 GPU, mobilenet_enhanced 4 worker(s) x 1 GPU")
 
 
 def test_a_variant_is_its_architecture_with_its_own_overrides(synthetic_store, tmp_path):
@@ -405,6 +447,7 @@ def test_asha_compares_variants_of_one_architecture(synthetic_store, tmp_path, r
     spec = Comparison(
         data=synthetic_store, storage=str(tmp_path), name="asha", profile="smoke", scheduler="asha",
         models=("nn",), variants={"nn_lr3e3": "nn"}, scaling=Scaling(cpus_per_worker=0.5), max_concurrent=2,
+        trial_scaling={"nn_lr3e3": {"cpus_per_worker": "0.25"}},
         overrides={"epochs": "3", "nn_lr3e3:learning_rate": "3e-3"},
     )
     experiment = run_comparison(spec, verbose=0)
@@ -420,6 +463,8 @@ def test_asha_compares_variants_of_one_architecture(synthetic_store, tmp_path, r
     configs = {t: json.load(open(os.path.join(experiment, "runs", t, "config.json"))) for t in table.index}
     assert configs["nn_lr3e3"]["model"] == "nn"
     assert [configs[t]["recipe"]["learning_rate"] for t in ("nn", "nn_lr3e3")] == [7.5e-4, 3e-3]
+    # Each trial's Train run got its own hardware.
+    assert [configs[t]["scaling"]["cpus_per_worker"] for t in ("nn", "nn_lr3e3")] == [0.5, 0.25]
     recorded = json.load(open(os.path.join(experiment, "experiment.json")))["comparison"]
     assert recorded["scheduler"] == "asha" and recorded["variants"] == {"nn_lr3e3": "nn"}
 

@@ -60,7 +60,10 @@ class Comparison:
     #: Early-stopping patience for recipes that stop early (the enhanced MobileNet).
     patience: int | None = None
     scheduler: str = "plateau"
+    #: Hardware of every trial's Train run, then per architecture or variant:
+    #: ``{"mobilenet_enhanced": {"workers": 4}}`` (a variant takes its architecture's first).
     scaling: Scaling = Scaling()
+    trial_scaling: dict[str, dict[str, Any]] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     limit: int | None = None
     seed: int = 0
@@ -100,6 +103,11 @@ def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
                          "what sets it apart, e.g. mobilenet_unweighted")
     prefixes = {**{m: m for m in list_models()}, **spec.variants}  # every architecture, not only those run
     check_override_prefixes(spec.overrides, {p: get_recipe(m) for p, m in prefixes.items()}, "model or variant")
+    unknown = [name for name in spec.trial_scaling if name not in prefixes]
+    if unknown:
+        raise ValueError(f"hardware for {', '.join(unknown)}: no model or variant of that name; "
+                         f"known: {', '.join(prefixes)}")
+    scalings = {name: _trial_scaling(spec, name, model) for name, model in prefixes.items()}  # all checked
     alike = [v for v in spec.variants if not prefixed_overrides(spec.overrides, v)]
     if alike:
         raise ValueError(f"variant(s) {', '.join(alike)} would train their architecture unchanged; "
@@ -117,7 +125,7 @@ def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
             overrides=spec.overrides,
             limit=spec.limit,
             seed=spec.seed,
-            scaling=spec.scaling,
+            scaling=scalings[trial],
             store=store,
         )
         recipe = run.recipe
@@ -127,6 +135,17 @@ def resolve_runs(spec: Comparison) -> dict[str, TrainRun]:
             recipe = replace_fields(recipe, prefixed_overrides(spec.overrides, trial))
         runs[trial] = dataclasses.replace(run, recipe=recipe)
     return runs
+
+
+def _trial_scaling(spec: Comparison, trial: str, model: str) -> Scaling:
+    """The comparison's hardware, then the architecture's, then a variant's own."""
+    scaling = spec.scaling
+    for name in dict.fromkeys((model, trial)):
+        try:
+            scaling = replace_fields(scaling, spec.trial_scaling.get(name, {}))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"hardware for {name}: {exc}") from None
+    return scaling
 
 
 def concurrent_trials(scalings: Mapping[str, Scaling], capacity: Capacity) -> int:

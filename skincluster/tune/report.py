@@ -344,6 +344,17 @@ def _markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _hardware(runs: dict[str, dict]) -> str:
+    """Workers and GPUs per trial: once when every trial had the same, else trial by trial."""
+    def shape(run):
+        return f"{run['scaling']['workers']} worker(s) x {run['scaling']['gpus_per_worker']:g} GPU"
+
+    shapes = {trial: shape(run) for trial, run in runs.items()}
+    if len(set(shapes.values())) == 1:
+        return f"{next(iter(shapes.values()))} per trial"
+    return "per trial: " + ", ".join(f"{trial} {s}" for trial, s in shapes.items())
+
+
 def _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note="",
                      exported: bool = True) -> str:
     cmp = experiment["comparison"]
@@ -352,7 +363,7 @@ def _report_markdown(experiment, table, results_md, histories, evaluations, best
         f"# Comparison `{cmp['name']}`",
         "",
         f"Data: `{cmp['data']}` · profile `{cmp['profile']}` · scheduler `{cmp['scheduler']}` · "
-        f"{cmp['scaling']['workers']} worker(s) x {cmp['scaling']['gpus_per_worker']:g} GPU per trial · "
+        f"{_hardware(experiment['runs'])} · "
         f"seed {cmp['seed']}"
         + (f" · limit {any_run['data']['limit']} training images" if any_run["data"]["limit"] else ""),
         "",
