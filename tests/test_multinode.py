@@ -261,4 +261,12 @@ def test_submitted_comparison_trains_on_both_nodes_and_writes_to_s3(cluster, s3_
     assert len(groups) == len(MODELS), groups  # one worker group per trial (no retries)
     for placement_group, used in groups.items():
         assert used == nodes, f"workers of placement group {placement_group} ran on {used}, cluster nodes {nodes}"
+    # ... while each trial and its Train controller stayed on the head, which is never a spot node.
+    head = {n["node_id"] for n in cluster.nodes() if n["is_head_node"]}
+    for class_name in ("ImplicitFunc", "TrainController"):
+        listed = cluster.ray("list", "actors", "--address", cluster.dashboard, "--format", "json", "--detail",
+                             "--limit", "10000", "--filter", f"class_name={class_name}")
+        assert listed.returncode == 0, listed.stderr
+        placed = {a["node_id"] for a in json.loads(listed.stdout)}
+        assert placed == head, f"{class_name} ran on {placed}, the head is {head}"
     print(f"multi-node comparison: {time.time() - started:.0f} s")

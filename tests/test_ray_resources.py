@@ -91,3 +91,15 @@ def test_a_local_runtime_is_its_one_node(ray_session):
     assert not capacity.autoscaling and capacity.source == "its 1 node(s) now"
     assert capacity.totals == {"CPU": ray_session.cluster_resources()["CPU"], "GPU": 0}
     assert capacity.nodes == ({"CPU": capacity.totals["CPU"], "GPU": 0},)
+
+
+def test_trials_are_placed_on_the_head_when_it_has_the_cpus(ray_session, monkeypatch, capsys):
+    """Beside the head, a spot node's preemption takes a trial's workers but never the trial
+    and its Train controller (which Ray Train puts on the trial's node)."""
+    from skincluster.tune.compare import HEAD_NODE, TRIAL_CPU, _trial_resources
+
+    assert _trial_resources(2).bundles == [{"CPU": TRIAL_CPU, HEAD_NODE: 0.001}]
+    head_without_cpus = [{**n, "Resources": {**n["Resources"], "CPU": 0.0}} for n in ray_session.nodes()]
+    monkeypatch.setattr(ray_session, "nodes", lambda: head_without_cpus)
+    assert _trial_resources(2).bundles == [{"CPU": TRIAL_CPU}]
+    assert "the head node has 0 CPUs, too few for 2 trial(s)" in capsys.readouterr().out

@@ -143,6 +143,9 @@ def test_concurrency_follows_the_cluster():
     assert concurrent_trials({f"m{i}": gpu for i in range(7)}, _static({"CPU": 64, "GPU": 4})) == 4
     with pytest.raises(ResourceError, match="trial big: .*Ray Data"):
         concurrent_trials({"small": one, "big": Scaling(workers=2, cpus_per_worker=1)}, _static({"CPU": 2}))
+    # Workers and Ray Data's reserve fit, the trial's own share only just not: one at a time
+    # (the two-node test's comparison, two workers of 0.75 CPU on two 1-CPU nodes).
+    assert concurrent_trials({"nn": Scaling(workers=2, cpus_per_worker=0.75)}, _static({"CPU": 1}, {"CPU": 1})) == 1
 
 
 def test_concurrency_of_trials_of_different_sizes_holds_for_the_largest_together():

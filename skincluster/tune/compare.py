@@ -32,13 +32,7 @@ from skincluster.config import (
 )
 from skincluster.data.store import open_store
 from skincluster.train.launch import RunFailed, check_resumable, ensure_ray, resolve_run
-from skincluster.train.resources import (
-    DATA_CPU_RESERVE,
-    Capacity,
-    ResourceError,
-    check_resources,
-    cluster_capacity,
-)
+from skincluster.train.resources import DATA_CPU_RESERVE, Capacity, check_resources, cluster_capacity
 
 #: CPU held by each trial's own process: it only waits on the Train run and then
 #: copies its result into the run folder, so a small share is enough.
@@ -150,20 +144,15 @@ def _trial_scaling(spec: Comparison, trial: str, model: str) -> Scaling:
 
 def concurrent_trials(scalings: Mapping[str, Scaling], capacity: Capacity) -> int:
     """How many trials may run at once: as many as fit together even when the
-    largest of them run side by side. Each needs its workers, its own small
-    share and Ray Data's reserve; one that can never fit is an error naming it.
+    largest of them run side by side, each with its workers, its own small
+    share and Ray Data's reserve; at least one. A trial that can never run
+    (check_resources) is an error naming it.
     """
     cpus, gpus = [], []
     for trial, scaling in scalings.items():
         check_resources(scaling, capacity, f"trial {trial}")
         cpus.append(scaling.workers * scaling.cpus_per_worker + TRIAL_CPU + DATA_CPU_RESERVE)
         gpus.append(scaling.workers * scaling.gpus_per_worker)
-        if cpus[-1] > capacity.totals.get("CPU", 0) + 1e-9:
-            raise ResourceError(
-                f"trial {trial} needs {cpus[-1]:g} CPUs ({scaling.workers} worker(s) x {scaling.cpus_per_worker:g} "
-                f"+ {TRIAL_CPU} for the trial + {DATA_CPU_RESERVE} for Ray Data); the cluster has "
-                f"{capacity.describe()}. Lower --cpus-per-worker or --workers."
-            )
     cpus.sort(reverse=True)
     gpus.sort(reverse=True)
     fit = 1
@@ -213,7 +202,7 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
 
     trainable = tune.with_resources(
         tune.with_parameters(_trial, runs={m: dataclasses.asdict(r) for m, r in runs.items()}),
-        {"cpu": TRIAL_CPU},
+        _trial_resources(max_concurrent),
     )
     if resuming:
         # The driver died: finished trials stay finished, the others start again
@@ -245,6 +234,31 @@ def run_comparison(spec: Comparison, *, verbose: int = 1) -> str:
             "shows the others. Tune's error files are listed above; run the same command again to retry."
         )
     return spec.experiment_dir
+
+
+#: A resource every Ray head node has one of (Ray Train and Serve pin their own actors with it).
+HEAD_NODE = "node:__internal_head__"
+
+
+def _trial_resources(max_concurrent: int):
+    """Each trial's share of a CPU, on the head node when it has the CPUs for them.
+
+    Ray Train puts a run's controller on its trial's node. On a spot node, a
+    preemption would kill both and end the trial (Tune retries it once); on
+    the on-demand head (cluster.yaml) a preemption only takes workers, which
+    Train restarts from the last checkpoint. A head with too few CPUs (one
+    started with none, as KubeRay advises) leaves the trials to Ray.
+    """
+    import ray
+    from ray import tune
+
+    head_cpus = sum(float(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                    if n.get("Alive") and HEAD_NODE in n["Resources"])
+    if head_cpus + 1e-9 < TRIAL_CPU * max_concurrent:
+        print(f"note: the head node has {head_cpus:g} CPUs, too few for {max_concurrent} trial(s) of {TRIAL_CPU} "
+              "CPU each; trials may run on any node", flush=True)
+        return tune.PlacementGroupFactory([{"CPU": TRIAL_CPU}])
+    return tune.PlacementGroupFactory([{"CPU": TRIAL_CPU, HEAD_NODE: 0.001}])
 
 
 def _check_same_trials(fs, path: str, spec: Comparison, runs: dict[str, TrainRun], resuming: bool) -> None:
