@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from skincluster.cli import main as cli_main
@@ -19,9 +20,9 @@ from skincluster.data import store as store_mod
 from skincluster.data.ham10000 import SourceError
 from skincluster.data.images import ImageDecodeError, decode_image
 from skincluster.data.ingest import MIN_IMAGES_FOR_POOL, IngestError, IngestOptions, _reason_kind, ingest
-from skincluster.data.store import StoreError, images_from_column, open_store
+from skincluster.data.store import StoreError, damaged_shards, images_from_column, open_store
 
-from helpers import color_of, csv_text, default_images, jpeg_bytes, make_rows, write_dataverse, write_kaggle
+from helpers import HEADER, color_of, csv_text, default_images, jpeg_bytes, make_rows, write_dataverse, write_kaggle
 
 QUIET = dict(log=lambda *_: None)
 
@@ -481,6 +482,26 @@ def test_semicolon_separated_metadata_ingests(tmp_path):
     assert _ingest(src, tmp_path / "s").manifest["rows"]["written"] == len(rows)
 
 
+def test_semicolon_separated_metadata_with_decimal_comma_ages_ingests(tmp_path):
+    """A spreadsheet's export in many locales: ';' between fields, ',' before decimals."""
+    rows = make_rows()
+    src = write_kaggle(tmp_path / "src", rows)
+    (src / "HAM10000_metadata.csv").write_text(csv_text([{**r, "age": r["age"].replace(".", ",")} for r in rows], sep=";"))
+    result = _ingest(src, tmp_path / "s")
+    assert result.manifest["rows"]["written"] == len(rows) and not result.quarantine
+    ages = pd.concat(_all_rows(open_store(str(tmp_path / "s"))).values()).set_index("image_id")["age"]
+    assert {r["image_id"]: float(r["age"]) for r in rows} == ages.to_dict()
+
+
+def test_a_metadata_file_with_a_header_and_no_rows_is_an_error(tmp_path, capsys):
+    src = write_kaggle(tmp_path / "src", make_rows())
+    (src / "HAM10000_metadata.csv").write_text(",".join(HEADER) + "\n\n")
+    with pytest.raises(SourceError, match=r"HAM10000_metadata.csv: no data rows after the header; nothing was written"):
+        _ingest(src, tmp_path / "s")
+    assert cli_main(["ingest", "--workers", "1", str(src), str(tmp_path / "s")]) == 2
+    assert "no data rows" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
 def test_header_names_repeated_up_to_case_are_an_error(tmp_path):
     rows = make_rows()
     src = write_kaggle(tmp_path / "src", rows)
@@ -683,7 +704,66 @@ def test_a_damaged_store_is_an_error_naming_the_manifest_or_shard(good_store, tm
         open_store(damaged(truncate))
 
 
+def _edited(manifest: dict, edit) -> dict:
+    manifest = json.loads(json.dumps(manifest))
+    edit(manifest)
+    return manifest
+
+
+#: Hand edits of a manifest that would otherwise train on what it claims.
+MANIFEST_EDITS = {
+    "a split's total": (lambda m: m["counts"]["test"].update(total=1), r"counts of test do not match its shards'"),
+    "a class count": (lambda m: m["counts"]["train"].update(mel=m["counts"]["train"]["mel"] + 1),
+                      r"counts of train do not match"),
+    "a split's counts removed": (lambda m: m["counts"].pop("val"), r"counts of val do not match"),
+    "two class names swapped": (lambda m: m["classes"].reverse(), r"classes \['vasc', .*expected \['akiec'"),
+    "a zero standard deviation": (lambda m: m["stats"]["std"].__setitem__(0, 0), r"stats are not 3 finite"),
+    "a missing mean": (lambda m: m["stats"]["mean"].pop(), r"stats are not 3 finite"),
+    "a file's rows removed": (lambda m: m["files"][0].pop("rows"), r"files is not a list of \{path, split"),
+    "a split named otherwise": (lambda m: m["files"][0].update(split="training"), r"files is not a list of"),
+}
+
+
+@pytest.mark.parametrize("edit, message", MANIFEST_EDITS.values(), ids=MANIFEST_EDITS.keys())
+def test_a_hand_edited_manifest_is_named_and_ingest_repairs_it(good_source, good_store, tmp_path, edit, message):
+    dest = tmp_path / "s"
+    shutil.copytree(good_store[1].path, dest)
+    (dest / "manifest.json").write_text(json.dumps(_edited(good_store[0].manifest, edit)))
+    with pytest.raises(StoreError, match=rf"manifest.json: .*{message}.*; ingest the data again"):
+        open_store(str(dest))
+    # The same ingest command writes the store again, rather than calling it up to date.
+    assert _ingest(good_source, dest).written
+    assert open_store(str(dest)).manifest["counts"] == good_store[0].manifest["counts"]
+
+
+def test_a_shard_listed_under_another_split_is_damaged(good_store):
+    """Shards' footers say which split their rows are in: a manifest that swaps two is caught
+    without reading any image."""
+    _, store = good_store
+    assert damaged_shards(store.fs, store.path, store.manifest) == []
+    first_test = next(i for i, f in enumerate(store.manifest["files"]) if f["split"] == "test")
+    swapped = _edited(store.manifest, lambda m: m["files"][first_test].update(split="train"))
+    assert damaged_shards(store.fs, store.path, swapped) == [store.manifest["files"][first_test]["path"]]
+
+
 def test_manifest_is_plain_json(good_store):
     _, store = good_store
     text = (Path(store.path) / "manifest.json").read_text()
     assert json.loads(text)["quarantine"] == []
+
+
+def test_a_duplicate_row_with_another_diagnosis_says_they_differ():
+    from skincluster.data.ham10000 import check_rows
+
+    def row(line, image_id, dx, lesion_id="HAM_0000001"):
+        return {"row": line, "lesion_id": lesion_id, "image_id": image_id, "dx": dx, "dx_type": "histo",
+                "age": "45.0", "sex": "male", "localization": "back"}
+
+    frame = pd.DataFrame([row(2, "ISIC_0000001", "bkl"), row(3, "ISIC_0000002", "nv"),
+                          row(4, "ISIC_0000001", "mel"), row(5, "ISIC_0000002", "nv")])
+    checked = check_rows(frame)
+    assert list(checked.rows["dx"]) == ["bkl", "nv"]  # the first rows are kept
+    reasons = {q["row"]: q["reason"] for q in checked.quarantine}
+    assert reasons[4] == ("duplicate image_id ISIC_0000001 (first seen at row 2, which is kept; "
+                          "this row has dx 'mel' there 'bkl')")
+    assert reasons[5] == "duplicate image_id ISIC_0000002 (first seen at row 3)"  # the same row again

@@ -206,6 +206,8 @@ def read_metadata(fs: pafs.FileSystem, loc: ImageLocation, *, extra_required: tu
     except UnicodeDecodeError as exc:
         raise SourceError(f"{loc.describe()}: not UTF-8 text ({exc})") from None
     header, records, lines = _parse_table(text, loc)
+    if not records:
+        raise SourceError(f"{loc.describe()}: no data rows after the header; nothing was written")
     columns = [c.strip().strip('"').lower() for c in header]
     used = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *extra_required)
     repeated = sorted({c for c in columns if c in used and columns.count(c) > 1})
@@ -304,7 +306,9 @@ def check_rows(frame: pd.DataFrame, clean: str = "none") -> CheckedMetadata:
         reasons[idx] = f"unknown dx {frame.at[idx, 'dx']!r} (expected one of {', '.join(CLASS_NAMES)})"
 
     age_text = frame["age"].where(~_missing(frame["age"]), None)
-    age = pd.to_numeric(age_text, errors="coerce")
+    # "45,0": a decimal comma, as spreadsheets in many locales write it (in a
+    # comma-separated file such a field has to be quoted, so nothing else looks like it).
+    age = pd.to_numeric(age_text.str.replace(r"^\s*(\d+),(\d+)\s*$", r"\1.\2", regex=True), errors="coerce")
     bad_age = age_text.notna() & (age.isna() | (age < 0) | (age > 120))
     for idx in frame.index[bad_age & (reasons == "")]:
         reasons[idx] = f"age {frame.at[idx, 'age']!r} is not a number between 0 and 120"
@@ -315,8 +319,14 @@ def check_rows(frame: pd.DataFrame, clean: str = "none") -> CheckedMetadata:
     usable = reasons == ""
     first_row = frame.loc[usable].groupby("image_id")["row"].transform("min")
     dup = usable & (frame["row"] != first_row.reindex(frame.index)) & ~_missing(frame["image_id"])
+    kept = frame.loc[usable & ~dup].set_index("image_id")
     for idx in frame.index[dup]:
-        reasons[idx] = f"duplicate image_id {frame.at[idx, 'image_id']} (first seen at row {first_row[idx]})"
+        image_id = frame.at[idx, "image_id"]
+        # Which of two differing labels is right, nothing here can tell: say they differ.
+        differ = [f"{c} {frame.at[idx, c]!r} there {kept.at[image_id, c]!r}" for c in ("dx", "lesion_id")
+                  if frame.at[idx, c] != kept.at[image_id, c]]
+        reasons[idx] = (f"duplicate image_id {image_id} (first seen at row {first_row[idx]}"
+                        + (f", which is kept; this row has {', '.join(differ)}" if differ else "") + ")")
 
     for column in ("sex", "localization", "dx_type"):
         frame[column] = frame[column].where(~_missing(frame[column]), None)

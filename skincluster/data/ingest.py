@@ -186,7 +186,8 @@ def _existing_manifest(dest: str) -> dict[str, Any] | None:
             f"{where} is not readable JSON ({exc}); if {dest} is a damaged skincluster store, delete its "
             f"{store.MANIFEST_NAME} and ingest again; nothing was written"
         ) from None
-    if not (isinstance(manifest, dict) and "ingest_id" in manifest and isinstance(manifest.get("files"), list)):
+    # Recognised by what only an ingest writes; the rest may be damaged (the up-to-date check looks).
+    if not (isinstance(manifest, dict) and ("ingest_id" in manifest or "fingerprint" in manifest)):
         raise IngestError(f"{where} is not a skincluster store manifest; refusing to write a store "
                           f"over {dest}; nothing was written")
     return manifest
@@ -263,8 +264,7 @@ def _ingest(
     dest_fs, dest_root = storage.resolve(dest)
     manifest_path = posixpath.join(dest_root, store.MANIFEST_NAME)
     if existing is not None and existing.get("fingerprint") == fingerprint:
-        lacking = [f"{store.MANIFEST_NAME} lacks {key}" for key in store.MANIFEST_KEYS if key not in existing]
-        damaged = lacking or store.damaged_shards(dest_fs, dest_root, existing)
+        damaged = store.manifest_problems(existing) or store.damaged_shards(dest_fs, dest_root, existing)
         if not damaged:
             log(f"{dest} is already up to date (same source and options); nothing written.")
             seconds = time.perf_counter() - started

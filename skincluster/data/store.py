@@ -17,6 +17,7 @@ the next ingest removes.
 
 from __future__ import annotations
 
+import math
 import posixpath
 import re
 from dataclasses import dataclass
@@ -135,12 +136,10 @@ def open_store(root: str) -> Store:
         raise StoreError(f"{where}: not a readable store manifest ({exc}); delete it and ingest the data again") from None
     if not isinstance(manifest, dict):
         raise StoreError(f"{where}: not a store manifest (a JSON {type(manifest).__name__}, not an object)")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise StoreError(f"{root}: store schema version {version}, this skincluster reads {SCHEMA_VERSION}; re-ingest")
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise StoreError(f"{where}: the manifest lacks {', '.join(missing)}; ingest the data again")
+    problems = manifest_problems(manifest)
+    if problems:
+        raise StoreError(f"{where}: {'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}; "
+                         "ingest the data again (the same `skincluster ingest` command repairs the store)")
     # Footers are read here, not left to the first read: under Ray a torn
     # shard surfaces as a bare "Parquet magic bytes not found" from a worker.
     damaged = damaged_shards(fs, path, manifest)
@@ -150,18 +149,75 @@ def open_store(root: str) -> Store:
     return Store(root, fs, path, manifest)
 
 
+def manifest_problems(manifest: dict[str, Any]) -> list[str]:
+    """What is wrong inside a manifest, shards aside ([] when nothing).
+
+    A manifest edited by hand, or by a tool that rewrote it, would otherwise
+    train on what it claims: counts that no longer match the shards shrink a
+    split silently, swapped class names report nevus recall as melanoma
+    recall, a zero standard deviation trains on infinities.
+    """
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        return [f"store schema version {version}, this skincluster reads {SCHEMA_VERSION}"]
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        return [f"the manifest lacks {', '.join(missing)}"]
+    problems = []
+    if manifest["classes"] != list(CLASS_NAMES):
+        problems.append(f"classes {manifest['classes']!r}, expected {list(CLASS_NAMES)}")
+    files = manifest["files"]
+    entries_ok = isinstance(files, list) and all(
+        isinstance(f, dict) and isinstance(f.get("path"), str) and f.get("split") in SPLITS
+        and type(f.get("rows")) is int and f["rows"] >= 0 for f in files
+    )
+    if not entries_ok:
+        problems.append("files is not a list of {path, split: train, val or test, rows}")
+    else:
+        counts = manifest["counts"]
+        for split in SPLITS:
+            rows = sum(f["rows"] for f in files if f["split"] == split)
+            entry = counts.get(split) if isinstance(counts, dict) else None
+            values = [entry.get(k) for k in ("total", *CLASS_NAMES)] if isinstance(entry, dict) else [None]
+            if not all(type(v) is int for v in values) or values[0] != rows or sum(values[1:]) != rows:
+                problems.append(f"counts of {split} do not match its shards' {rows} rows")
+    stats = manifest["stats"]
+    channels = [stats.get(k) if isinstance(stats, dict) else None for k in ("mean", "std")]
+    if not all(isinstance(c, list) and len(c) == IMAGE_SHAPE[2]
+               and all(isinstance(v, (int, float)) and math.isfinite(v) for v in c) for c in channels) \
+            or not all(v > 0 for v in channels[1]):
+        problems.append(f"stats are not {IMAGE_SHAPE[2]} finite channel means and positive standard deviations")
+    return problems
+
+
 def damaged_shards(fs: pafs.FileSystem, path: str, manifest: dict) -> list[str]:
-    """The manifest's shards that are missing, or whose Parquet footer is unreadable or counts other rows."""
+    """The manifest's shards that are missing, or whose Parquet footer is unreadable,
+    counts other rows or records rows of another split than the manifest says."""
     damaged = []
     for f in manifest["files"]:
         try:
             with fs.open_input_file(posixpath.join(path, f["path"])) as fh:
-                intact = pq.ParquetFile(fh).metadata.num_rows == f["rows"]
+                metadata = pq.ParquetFile(fh).metadata
+            intact = metadata.num_rows == f["rows"] and _splits_in_footer(metadata) <= {f["split"]}
         except (OSError, ValueError):  # missing file; ArrowInvalid (a ValueError) for a torn footer
             intact = False
         if not intact:
             damaged.append(f["path"])
     return damaged
+
+
+def _splits_in_footer(metadata: pq.FileMetaData) -> set[str]:
+    """The values of the `split` column, from the row groups' statistics (no data read)."""
+    names = [metadata.schema.column(i).name for i in range(metadata.num_columns)]
+    if "split" not in names:
+        return {"(no split column)"}
+    column = names.index("split")
+    found = set()
+    for i in range(metadata.num_row_groups):
+        stats = metadata.row_group(i).column(column).statistics
+        if stats is not None and stats.has_min_max:
+            found |= {stats.min, stats.max}
+    return found
 
 
 def images_from_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
