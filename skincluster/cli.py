@@ -309,6 +309,9 @@ def _is_model_path(path: str) -> bool:
 
 
 def _run_predict(args) -> int:
+    import os
+
+    from skincluster import storage
     from skincluster.serve.export import load_models
     from skincluster.serve.predict import NOT_A_DIAGNOSIS, format_table, predict, to_csv, to_json
 
@@ -318,6 +321,11 @@ def _run_predict(args) -> int:
         raise ValueError("give at least one model (.keras file or SavedModel folder) before the images")
     if not inputs:
         raise ValueError("give at least one image or folder after the model(s)")
+    outputs = [(option, path) for option, path in (("--json", args.json), ("--csv", args.csv)) if path]
+    for option, path in outputs:  # before the predictions, which may take long
+        storage.check_local_output(path, args.paths, option)
+    if args.json and args.csv and os.path.realpath(args.json) == os.path.realpath(args.csv):
+        raise ValueError(f"--json and --csv name the same file ({args.json})")
     predictions = predict(load_models(model_paths), inputs, tta=args.tta)  # names a model file that won't load
     print(NOT_A_DIAGNOSIS, file=sys.stderr)
     if predictions.images:
@@ -329,11 +337,9 @@ def _run_predict(args) -> int:
         print(f"note: skipped {len(predictions.skipped)} file(s) that are not .jpg/.jpeg/.png: {shown}",
               file=sys.stderr)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            fh.write(to_json(predictions))
+        storage.write_local_atomic(args.json, to_json(predictions).encode("utf-8"))
     if args.csv:
-        with open(args.csv, "w", encoding="utf-8") as fh:
-            fh.write(to_csv(predictions))
+        storage.write_local_atomic(args.csv, to_csv(predictions).encode("utf-8"))
     return 1 if predictions.errors else 0
 
 
@@ -381,11 +387,13 @@ def _add_explain(sub) -> None:
 
 
 def _run_explain(args) -> int:
+    from skincluster import storage
     from skincluster.serve.explain import class_index_of, explain_file, format_explanation, read_image
     from skincluster.serve.export import load_models
 
     class_index_of(args.class_name)  # a typo in --class fails before the model is loaded
     read_image(args.image)  # ... and so does an unreadable image
+    storage.check_local_output(args.out, [args.model, args.image], "--out")  # ... and an output over an input
     (model,) = load_models([args.model])
     result = explain_file(model, args.image, args.out, args.class_name)
     print(format_explanation(result, args.image, args.out))

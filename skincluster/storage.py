@@ -124,3 +124,22 @@ def read_json_checked(fs: pafs.FileSystem, path: str, shown: str, hint: str, kin
         expected = "a JSON object" if kind is dict else f"a JSON {kind.__name__}"
         raise ValueError(f"{shown}: expected {expected}, found {type(data).__name__}; {hint}")
     return data
+
+
+def check_local_output(path: str, inputs: list[str], option: str) -> None:
+    """Refuse, before any work, a local output file that would replace one of
+    the command's inputs (a model, an image), is a folder, or has no folder."""
+    real = os.path.realpath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(real)):
+        raise ValueError(f"{option} {path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    for item in inputs:
+        if os.path.realpath(item) == real:
+            raise ValueError(f"{option} {path}: is one of the inputs ({item}); nothing was written")
+
+
+def write_local_atomic(path: str, data: bytes) -> None:
+    """Replace a local file whole: a run killed mid-write leaves the previous file."""
+    fs, local = resolve(os.path.abspath(path))
+    write_bytes_atomic(fs, local, data)

@@ -158,6 +158,8 @@ def test_cli_names_bad_files(cnn_file, tmp_path, capsys):
         ([cnn_file, str(good), "--class", "cancer"], "unknown class 'cancer'"),
         ([str(tmp_path / "nomodel.keras"), str(good)], "nomodel.keras"),
         ([cnn_file, str(good), "--out", str(tmp_path / "no" / "such" / "x.png")], "does not exist"),
+        ([cnn_file, str(good), "--out", cnn_file], "is one of the inputs"),  # was: the model replaced by a PNG
+        ([cnn_file, str(good), "--out", str(good)], "is one of the inputs"),  # ... or the photo
     ]
     for args, expected in cases:
         if "--out" not in args:
@@ -166,3 +168,4 @@ def test_cli_names_bad_files(cnn_file, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err, err
     assert not (tmp_path / "x.png").exists()
+    assert good.read_bytes() == jpeg_bytes((180, 120, 100))

@@ -77,6 +77,55 @@ def test_cli_writes_json_and_csv_and_names_bad_files(saved_models, images, tmp_p
     assert (tmp_path / "p.csv").read_text().count("\n") == 3
 
 
+def test_an_output_over_an_input_or_in_no_folder_is_refused_before_predicting(saved_models, images, tmp_path, capsys):
+    model = tmp_path / "model.keras"
+    model.write_bytes(open(saved_models[0], "rb").read())
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes((images / "a.jpg").read_bytes())
+    cases = [
+        (["--csv", str(model)], f"--csv {model}: is one of the inputs"),  # was: the model replaced by the CSV
+        (["--json", str(photo)], f"--json {photo}: is one of the inputs"),
+        (["--json", str(tmp_path)], "is a folder"),
+        (["--json", str(tmp_path / "p.json"), "--csv", str(tmp_path / "nodir" / "p.csv")], "does not exist"),
+        (["--json", str(tmp_path / "p.out"), "--csv", str(tmp_path / "p.out")], "--json and --csv name the same file"),
+    ]
+    for options, message in cases:
+        assert cli_main(["predict", str(model), str(photo), *options]) == 2, options
+        captured = capsys.readouterr()
+        assert message in captured.err and "NOT A DIAGNOSIS" not in captured.err, captured.err  # nothing predicted
+    assert model.read_bytes() == open(saved_models[0], "rb").read() and not (tmp_path / "p.json").exists()
+
+
+def test_a_previous_output_is_replaced_whole(saved_models, images, tmp_path, monkeypatch):
+    from skincluster import storage
+
+    out = tmp_path / "p.json"
+    assert cli_main(["predict", saved_models[0], str(images / "a.jpg"), "--json", str(out)]) == 0
+    before = out.read_bytes()
+
+    def dies(fs, path, data):  # killed while writing: the temporary file, never the previous one
+        with fs.open_output_stream(f"{path}.tmp-dead") as fh:
+            fh.write(data[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", dies)
+    assert cli_main(["predict", saved_models[0], str(images), "--json", str(out)]) == 130
+    assert out.read_bytes() == before
+
+
+def test_linked_folders_are_followed_once(saved_models, images, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "part1").symlink_to(images, target_is_directory=True)  # a data set's part linked in
+    (folder / "loop").symlink_to(folder, target_is_directory=True)  # ... and a link back up the tree
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "a.jpg").write_bytes((images / "a.jpg").read_bytes())
+    out = tmp_path / "p.json"
+    assert cli_main(["predict", saved_models[0], str(folder), "--json", str(out)]) == 1  # broken.jpg in images
+    predicted = [r["image"] for r in json.loads(out.read_text())["predictions"]]
+    assert sorted(os.path.basename(p) for p in predicted) == ["a.jpg", "b.png"]
+
+
 def test_a_model_file_that_does_not_load_is_named(images, tmp_path, capsys):
     fake = tmp_path / "fake.keras"
     fake.write_bytes(b"not a model")

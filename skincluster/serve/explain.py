@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from skincluster import storage
 from skincluster.config import CLASS_LONG_NAMES, CLASS_NAMES
 from skincluster.data.images import ImageDecodeError, decode_image, to_rgb
 
@@ -211,7 +212,9 @@ def explain_file(model, image_path: str, out_png: str, class_name: str | None = 
     folder = os.path.dirname(os.path.abspath(out_png))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{out_png}: folder {folder} does not exist")
-    overlay(photo, result.heatmap).save(out_png, format="PNG")
+    png = io.BytesIO()
+    overlay(photo, result.heatmap).save(png, format="PNG")
+    storage.write_local_atomic(out_png, png.getvalue())  # a previous overlay stays whole if this one dies
     return result
 
 

@@ -65,7 +65,15 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]], 
             found = []
             # Without onerror os.walk drops an unreadable subfolder without a word.
             walk_errors: list[OSError] = []
-            for root, _, names in os.walk(item, onerror=walk_errors.append):
+            seen: set[str] = set()
+            # Linked folders are followed (a data set's parts are often linked in), each once: a link
+            # back up the tree would otherwise be walked for ever.
+            for root, folders, names in os.walk(item, onerror=walk_errors.append, followlinks=True):
+                if os.path.realpath(root) in seen:
+                    folders[:] = []
+                    continue
+                seen.add(os.path.realpath(root))
+                folders[:] = [f for f in folders if not f.startswith(".")]  # hidden, like hidden files
                 for name in names:
                     if name.startswith("."):
                         continue  # .DS_Store, macOS "._" resource forks
