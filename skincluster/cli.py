@@ -365,7 +365,12 @@ def _add_export(sub) -> None:
 def _run_export(args) -> int:
     from skincluster.serve.export import export, format_report
 
-    report = export(args.models, args.out, store_uri=args.data, limit=args.limit, seed=args.seed)
+    # SIGTERM (a scheduler, `kill`) like Ctrl-C: the staging folder is removed, the previous export kept.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = export(args.models, args.out, store_uri=args.data, limit=args.limit, seed=args.seed)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(format_report(report))
     return 0
 

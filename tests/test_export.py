@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,37 @@ def test_a_failed_export_leaves_the_previous_export_whole(local_experiment, tmp_
     assert _digests(out) == before  # no file of the cnn export, none of the nn export lost
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.keras", "saved_model", "model_float32.tflite", "model_float16.tflite", "export.json"])
+
+
+def test_an_export_stopped_while_moving_into_place_leaves_no_export_json(local_experiment, tmp_path, monkeypatch):
+    """The moves into --out are several: a folder caught between them must not pass for a whole export."""
+    out = tmp_path / "served"
+    ex.export([_model(local_experiment, "nn")], str(out), log=lambda *_: None)
+    stale, live = out / f"{ex.STAGING_PREFIX}killed", out / f"{ex.STAGING_PREFIX}running"
+    stale.mkdir()
+    live.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # an export killed outright two hours ago
+    real_replace, moved = os.replace, []
+
+    def killed_after_two(source, target):
+        if ex.STAGING_PREFIX in str(source):
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+            moved.append(target)
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        ex.export([_model(local_experiment, "cnn")], str(out), log=lambda *_: None)
+    monkeypatch.undo()
+    assert not (out / "export.json").exists()  # half nn, half cnn: no report says otherwise
+    # A file where the SavedModel folder goes (a hand-made mess) is replaced too.
+    shutil.rmtree(out / "saved_model")
+    (out / "saved_model").write_text("x")
+    report = ex.export([_model(local_experiment, "cnn")], str(out), log=lambda *_: None)
+    assert json.loads((out / "export.json").read_text())["models"] == report.models
+    assert (out / "saved_model" / "saved_model.pb").exists()
+    assert not stale.exists() and live.exists()  # a younger staging folder may be another export's
 
 
 def test_without_a_store_int8_is_skipped_and_said(local_experiment, tmp_path):

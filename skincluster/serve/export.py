@@ -280,20 +280,45 @@ def _check_out_dir(out_dir: str, model_paths: list[str]) -> None:
                          "export into a folder of its own")
 
 
+#: The hidden folder inside --out that an export is built in before it is moved into place.
+STAGING_PREFIX = ".export-staging-"
+
+
 def _publish(staging: str, out_dir: str, names: list[str]) -> None:
     """Move the export's files from `staging` into `out_dir`, replacing an earlier export's.
 
-    Called only once every format is written and evaluated, so a failed export
-    leaves the previous one whole; export.json goes last.
+    Called only once every format is written and evaluated, so a failed
+    export leaves the previous one whole. The moves themselves are several:
+    the earlier export.json goes first and the new one last, so a folder
+    caught between the two (a kill mid-way) has none and is not taken for a
+    whole export of either model.
     """
+    def remove(target: str) -> None:
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+
+    remove(os.path.join(out_dir, REPORT_FILE))
     for name in [*TFLITE_FILES.values(), KERAS_FILE, SAVED_MODEL_DIR, REPORT_FILE]:
         target = os.path.join(out_dir, name)
         if name in names:
-            if os.path.isdir(target):
-                shutil.rmtree(target)
+            remove(target)  # also a file where a folder goes, or the other way round
             os.replace(os.path.join(staging, name), target)
-        elif name in TFLITE_FILES.values() and os.path.exists(target):
-            os.remove(target)  # a stale int8 file from an earlier export would not match this model
+        elif name in TFLITE_FILES.values():
+            remove(target)  # a stale int8 file from an earlier export would not match this model
+
+
+def _remove_stale_staging(out_dir: str, older_than_seconds: float = 3600) -> None:
+    """Staging folders of exports killed outright (kill -9, a lost machine): a
+    live export's is younger, so only those an hour old are taken away."""
+    import time
+
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        if name.startswith(STAGING_PREFIX) and os.path.isdir(path) \
+                and time.time() - os.path.getmtime(path) > older_than_seconds:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def export(
@@ -320,8 +345,9 @@ def export(
     models = load_models(model_paths)
     model = ensemble_model(models)
     os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_staging(out_dir)
     report = ExportReport(out_dir=os.path.abspath(out_dir), models=[os.path.abspath(p) for p in model_paths])
-    staging = tempfile.mkdtemp(prefix=".export-staging-", dir=out_dir)
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir)
     try:
         _export_into(staging, model, report, store, store_uri, limit, seed, representative_images, log)
         _publish(staging, out_dir, [*(entry["path"] for entry in report.files.values()), REPORT_FILE])
