@@ -172,8 +172,24 @@ def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_exper
         return copy
 
     evaluation = json.loads(open(os.path.join(smoke_experiment, "runs", "nn", "evaluation.json")).read())
-    del evaluation["confusion_matrix"]
+    history = json.loads(open(os.path.join(smoke_experiment, "runs", "cnn", "history.json")).read())
+    experiment = json.loads(open(os.path.join(smoke_experiment, "experiment.json")).read())
+    without_recipe = json.loads(json.dumps(experiment))
+    del without_recipe["runs"]["nn"]["recipe"]
     cases = [
+        # Parsed, but not what the report can use: named, not a traceback.
+        ("runs/nn/evaluation.json", json.dumps({**evaluation, "accuracy": "high"}),
+         r"runs/nn/evaluation.json: not what a trial's evaluation holds: accuracy$"),
+        ("runs/nn/evaluation.json", json.dumps({**evaluation, "per_class": [1, 2]}), r"evaluation.json: .*per_class"),
+        ("runs/nn/evaluation.json", json.dumps({**evaluation, "confusion_matrix": [[1, 2], [3]]}),
+         r"evaluation.json: .*confusion_matrix \(7 rows of 7 counts"),
+        ("runs/cnn/history.json", json.dumps([history[0], {**history[1], "val_balanced_accuracy": None}]),
+         r"runs/cnn/history.json: entry 1 \(epoch 2\): val_balanced_accuracy not a number"),
+        ("experiment.json", json.dumps(without_recipe), r"experiment.json: .*runs.nn \(a resolved run"),
+        ("experiment.json", json.dumps({**experiment, "runs": {}}), r"runs \(an object of one or more trials\)"),
+    ]
+    del evaluation["confusion_matrix"]
+    cases += [
         ("experiment.json", '{"runs": ', r"experiment.json: not readable JSON"),
         ("experiment.json", "{}", r"experiment.json: not what `skincluster compare` writes"),
         ("runs/nn/evaluation.json", "", r"runs/nn/evaluation.json: not readable JSON"),
@@ -218,6 +234,20 @@ def test_a_report_without_the_best_model_file_says_it_was_not_exported(smoke_exp
     text = (copy / "report.md").read_text()
     assert f"Not exported: `runs/{summary['best']}/model.keras` is missing" in text
     assert "Exported as" not in text and not (copy / "best" / "model.keras").exists()
+
+
+def test_a_damaged_best_model_is_not_exported_and_no_older_best_is_left(smoke_experiment, tmp_path):
+    copy = tmp_path / "e"
+    copy_for_report(smoke_experiment, copy, skip=("tune",))
+    best = build_report(str(copy))["best"]
+    assert (copy / "best" / "model.keras").read_bytes() == (copy / "runs" / best / "model.keras").read_bytes()
+    model = copy / "runs" / best / "model.keras"
+    model.write_bytes(model.read_bytes()[:100_000])  # a torn copy, as from a node lost mid-upload
+    assert build_report(str(copy))["best"] == best
+    text = (copy / "report.md").read_text()
+    assert f"Not exported: `runs/{best}/model.keras` is damaged" in text and "Exported as" not in text
+    # The previous report's best/ is not left to contradict this one.
+    assert not (copy / "best" / "model.keras").exists() and not (copy / "best" / "best.json").exists()
 
 
 def test_no_ensemble_row_from_a_store_ingested_again_since_the_trials(smoke_experiment, tmp_path):

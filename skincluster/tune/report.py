@@ -89,19 +89,72 @@ def _tune_history(fs, root: str, model: str) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict) and "epoch" in r]
 
 
+def _number(value: Any, nullable: bool = False) -> bool:
+    if value is None:
+        return nullable
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_evaluation(path: str, evaluation: Any) -> None:
+    """Refuse, naming the file and the fields, an evaluation the report cannot use as it is."""
     missing = [k for k in EVALUATION_KEYS if not isinstance(evaluation, dict) or k not in evaluation]
     if not missing:
         val = evaluation["val"]
         missing = [f"val.{k}" for k in VAL_KEYS if k not in val] if isinstance(val, dict) else ["val (an object)"]
     if missing:
         raise ReportError(f"{path}: not a trial evaluation, lacks {', '.join(missing)}")
+    # Undefined metrics are null (melanoma recall without a melanoma, AUC with one class).
+    wrong = [k for k in ("accuracy", "log_loss", "balanced_accuracy", "macro_f1") if not _number(evaluation[k])]
+    wrong += [k for k in ("melanoma_recall", "roc_auc_ovr") if not _number(evaluation[k], nullable=True)]
+    wrong += [f"val.{k}" for k in VAL_KEYS if not _number(evaluation["val"][k], nullable=k == "balanced_accuracy")]
+    per_class = evaluation["per_class"]
+    if not (isinstance(per_class, dict) and per_class and all(
+            isinstance(c, dict) and _number(c.get("precision"), True) and _number(c.get("recall"), True)
+            and _number(c.get("support")) for c in per_class.values())):
+        wrong.append("per_class (an object of {precision, recall, support} per class)")
+    matrix = evaluation["confusion_matrix"]
+    size = len(per_class) if isinstance(per_class, dict) else -1
+    if not (isinstance(matrix, list) and len(matrix) == size and all(
+            isinstance(r, list) and len(r) == size and all(_number(v) for v in r) for r in matrix)):
+        wrong.append(f"confusion_matrix ({size} rows of {size} counts, one per class)")
+    if wrong:
+        raise ReportError(f"{path}: not what a trial's evaluation holds: {', '.join(wrong)}")
+
+
+#: Per-epoch values the report reads; each a number (NaN allowed) where present.
+HISTORY_NUMBERS = ("images_per_second", "epoch_seconds", "loss", "accuracy", "balanced_accuracy",
+                   "val_loss", "val_accuracy", "val_balanced_accuracy")
 
 
 def _check_history(path: str, history: Any) -> None:
     if not (isinstance(history, list)
             and all(isinstance(h, dict) and "images_per_second" in h and "epoch" in h for h in history)):
         raise ReportError(f"{path}: not a per-epoch history (a list of objects with epoch and images_per_second)")
+    for i, entry in enumerate(history):
+        wrong = [k for k in HISTORY_NUMBERS if k in entry and not _number(entry[k])]
+        if not _number(entry["epoch"]):
+            wrong.insert(0, "epoch")
+        if wrong:
+            raise ReportError(f"{path}: entry {i} (epoch {entry['epoch']!r}): {', '.join(wrong)} not a number")
+
+
+def _check_experiment(path: str, experiment: Any) -> None:
+    comparison = experiment.get("comparison") if isinstance(experiment, dict) else None
+    runs = experiment.get("runs") if isinstance(experiment, dict) else None
+    problems = []
+    if not isinstance(comparison, dict) or any(k not in comparison for k in ("name", "data", "profile", "scheduler", "seed")):
+        problems.append("comparison (an object with name, data, profile, scheduler and seed)")
+    if not isinstance(runs, dict) or not runs:
+        problems.append("runs (an object of one or more trials)")
+    else:
+        for trial, run in runs.items():
+            ok = (isinstance(run, dict) and isinstance(run.get("recipe"), dict) and _number(run["recipe"].get("epochs"))
+                  and isinstance(run.get("data"), dict) and isinstance(run.get("scaling"), dict)
+                  and all(_number(run["scaling"].get(k)) for k in ("workers", "gpus_per_worker")))
+            if not ok:
+                problems.append(f"runs.{trial} (a resolved run: recipe.epochs, data, scaling)")
+    if problems:
+        raise ReportError(f"{path}: not what `skincluster compare` writes: {'; '.join(problems[:3])}")
 
 
 def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[str, list], dict]:
@@ -110,8 +163,7 @@ def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[st
     experiment = _read_json(fs, f"{root}/experiment.json")
     if experiment is None:
         raise FileNotFoundError(f"{experiment_dir}: no experiment.json; is this a `skincluster compare` folder?")
-    if not (isinstance(experiment, dict) and isinstance(experiment.get("runs"), dict) and "comparison" in experiment):
-        raise ReportError(f"{root}/experiment.json: not what `skincluster compare` writes (no runs or comparison)")
+    _check_experiment(f"{root}/experiment.json", experiment)
     rows, evaluations, histories = [], {}, {}
     for model, run in experiment["runs"].items():
         run_dir = f"{root}/runs/{model}"
@@ -139,7 +191,8 @@ def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[st
             status = "interrupted"  # epochs ran but no evaluation: the driver died, or the trial failed
         else:
             status = "not run"
-        val_bal = [h["val_balanced_accuracy"] for h in history if "val_balanced_accuracy" in h]
+        val_bal = [h["val_balanced_accuracy"] for h in history
+                   if _number(h.get("val_balanced_accuracy")) and not math.isnan(h["val_balanced_accuracy"])]
         study = STUDY_REPORTED.get(model, {})
         row = {
             "model": model,
@@ -205,20 +258,49 @@ def build_report(experiment_dir: str) -> dict[str, Any]:
     files["results.md"] = (results_md + "\n").encode()
 
     best = best_model(table, evaluations)
-    best_source = f"{root}/runs/{best}/model.keras" if best else None
-    if best_source and storage.exists(fs, best_source):
-        files["best/model.keras"] = storage.read_bytes(fs, best_source)
-        files["best/best.json"] = (json.dumps({"model": best, "chosen_by": "val balanced accuracy",
-                                               "evaluation": evaluations[best]}, indent=2) + "\n").encode()
-    else:
-        best_source = None
+    best_problem = _best_model_file(fs, root, best, evaluations[best], files) if best else None
     report = _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note,
-                              exported=best_source is not None)
+                              not_exported=best_problem)
     files["report.md"] = report.encode()
-    for name, data in files.items():  # report.md last: it is the one that says the rest is done
+    if best_problem or not best:
+        # No best/ that contradicts report.md: an older best model is not this report's.
+        for name in BEST_FILES:
+            if storage.exists(fs, f"{root}/{name}"):
+                fs.delete_file(f"{root}/{name}")
+    # Each file is replaced whole (written under a temporary name, then
+    # renamed); report.md last, as it is the one that says the rest is done.
+    # An interrupted report may leave some files from the run before: the next
+    # `skincluster report` rewrites them all.
+    for name, data in files.items():
         storage.write_bytes_atomic(fs, f"{root}/{name}", data)
     return {"experiment": experiment_dir, "best": best, "rows": len(table), "ensemble": ensemble_note,
             "report": storage.join(experiment_dir, "report.md")}
+
+
+#: What build_report writes under best/: the model, and which one it is.
+BEST_FILES = ("best/model.keras", "best/best.json")
+
+
+def _best_model_file(fs, root: str, best: str, evaluation: dict, files: dict[str, bytes]) -> str | None:
+    """Add best/ to `files` from the best trial's model; or say why it cannot be exported."""
+    import zipfile
+
+    source = f"runs/{best}/model.keras"
+    if not storage.exists(fs, f"{root}/{source}"):
+        return f"`{source}` is missing from the experiment folder"
+    data = storage.read_bytes(fs, f"{root}/{source}")
+    try:  # a .keras file is a zip: a torn or overwritten one must not replace a good copy
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        damaged = str(exc)
+    if damaged is not None:
+        return f"`{source}` is damaged ({damaged})"
+    files["best/model.keras"] = data
+    files["best/best.json"] = (json.dumps({"model": best, "chosen_by": "val balanced accuracy",
+                                           "sha256": hashlib.sha256(data).hexdigest(),
+                                           "evaluation": evaluation}, indent=2) + "\n").encode()
+    return None
 
 
 def ensemble_members(experiment_dir: str, evaluations: dict[str, dict]) -> list[str]:
@@ -245,8 +327,10 @@ def ensemble(experiment_dir: str, experiment: dict, evaluations: dict[str, dict]
     if any(tuple(r.get(k) for k in same) != tuple(runs[0].get(k) for k in same) for r in runs):
         return None, f"No ensemble row: {' and '.join(members)} were evaluated on different data."
     fs, root = storage.resolve(experiment_dir)
-    # The cache is keyed on the members' own evaluations: a retrained member changes its evaluation.json.
-    key = hashlib.sha256(b"".join(storage.read_bytes(fs, f"{root}/runs/{m}/evaluation.json") for m in members)).hexdigest()
+    # The cache is keyed on the members' evaluations and models: a retrained
+    # member changes both, a model file replaced by another (or damaged) its bytes.
+    key = hashlib.sha256(b"".join(storage.read_bytes(fs, f"{root}/runs/{m}/{name}")
+                                  for m in members for name in ("evaluation.json", "model.keras"))).hexdigest()
     cache_path = f"{root}/ensemble/evaluation.json"
     try:
         cached = _read_json(fs, cache_path)
@@ -356,7 +440,7 @@ def _hardware(runs: dict[str, dict]) -> str:
 
 
 def _report_markdown(experiment, table, results_md, histories, evaluations, best, ensemble_note="",
-                     exported: bool = True) -> str:
+                     not_exported: str | None = None) -> str:
     cmp = experiment["comparison"]
     any_run = next(iter(experiment["runs"].values()))
     lines = [
@@ -381,8 +465,7 @@ def _report_markdown(experiment, table, results_md, histories, evaluations, best
             f"**Best model (by validation balanced accuracy): `{best}`** — test balanced accuracy "
             f"{e['balanced_accuracy']:.3f}, accuracy {e['accuracy']:.3f}, melanoma recall {_fmt(e['melanoma_recall'])}, "
             f"macro ROC AUC {_fmt(e['roc_auc_ovr'])}. "
-            + ("Exported as `best/model.keras`." if exported
-               else f"Not exported: `runs/{best}/model.keras` is missing from the experiment folder."),
+            + (f"Not exported: {not_exported}." if not_exported else "Exported as `best/model.keras`."),
             "",
         ]
     lines += ["## Leaderboard", "", results_md, ""]
