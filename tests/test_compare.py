@@ -164,7 +164,7 @@ def test_report_rebuilds_from_storage_alone(smoke_experiment):
         assert os.path.exists(os.path.join(smoke_experiment, name))
 
 
-def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_experiment, tmp_path):
+def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_experiment, tmp_path, capsys):
     def damaged(name, text):
         copy = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
         copy_for_report(smoke_experiment, copy)
@@ -207,6 +207,8 @@ def test_a_damaged_experiment_file_is_named_and_nothing_is_rewritten(smoke_exper
             build_report(str(copy))
         assert [((copy / f).read_bytes(), os.path.getmtime(copy / f)) for f in outputs] == before, name
     assert cli_main(["report", str(copy)]) == 2
+    assert cli_main(["report", str(tmp_path / "no-such-experiment")]) == 2
+    assert "no-such-experiment: no such folder" in capsys.readouterr().err
 
 
 def test_a_torn_last_line_of_tune_results_is_dropped_but_a_torn_middle_line_is_named(smoke_experiment, tmp_path):

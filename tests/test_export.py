@@ -154,11 +154,15 @@ def test_cli_names_bad_inputs(local_experiment, tmp_path, capsys):
         ([str(tmp_path / "missing.keras")], "missing.keras"),
         ([str(not_a_model)], "notes.keras"),
         ([_model(local_experiment, "cnn"), "--data", str(tmp_path / "nostore")], "nostore"),
+        ([_model(local_experiment, "cnn"), "--limit", "5"], "--limit sets how many test images of --data"),
     ]
     for args, expected in cases:
         assert cli_main(["export", *args, "--out", str(tmp_path / "out")]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err, err
+    assert cli_main(["export", _model(local_experiment, "cnn"), "--out", ""]) == 2
+    assert "error: --out is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def _digests(folder) -> dict[str, str]:

@@ -267,6 +267,8 @@ RUN_FOLDER_MARKERS = ("history.json", "metrics.jsonl", "checkpoints")
 
 def _check_out_dir(out_dir: str, model_paths: list[str]) -> None:
     """Refuse an --out that would overwrite an input model or a training run's files."""
+    if not out_dir.strip():
+        raise ValueError("--out is empty; name the folder to export into")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out {out_dir}: exists and is not a folder")
     targets = {os.path.realpath(os.path.join(out_dir, name)) for name in (KERAS_FILE, SAVED_MODEL_DIR)}
@@ -340,6 +342,8 @@ def export(
         raise ValueError("give at least one model (.keras file or SavedModel folder)")
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be positive, got {limit}")
+    if limit is not None and not store_uri:
+        raise ValueError("--limit sets how many test images of --data to evaluate on; without --data it does nothing")
     _check_out_dir(out_dir, model_paths)
     store = open_store(store_uri) if store_uri else None
     models = load_models(model_paths)

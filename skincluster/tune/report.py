@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
 from skincluster import storage
 
@@ -162,6 +163,8 @@ def collect(experiment_dir: str) -> tuple[pd.DataFrame, dict[str, dict], dict[st
     fs, root = storage.resolve(experiment_dir)
     experiment = _read_json(fs, f"{root}/experiment.json")
     if experiment is None:
+        if fs.get_file_info(root).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{experiment_dir}: no such folder")
         raise FileNotFoundError(f"{experiment_dir}: no experiment.json; is this a `skincluster compare` folder?")
     _check_experiment(f"{root}/experiment.json", experiment)
     rows, evaluations, histories = [], {}, {}
