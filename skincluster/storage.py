@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
@@ -143,3 +144,23 @@ def write_local_atomic(path: str, data: bytes) -> None:
     """Replace a local file whole: a run killed mid-write leaves the previous file."""
     fs, local = resolve(os.path.abspath(path))
     write_bytes_atomic(fs, local, data)
+
+
+#: The suffix write_bytes_atomic gives a file while it is being written.
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")
+
+
+def remove_stale_temporaries(fs: pafs.FileSystem, folder: str, older_than_seconds: float = 3600) -> list[str]:
+    """Remove what write_bytes_atomic left in `folder` when its process was
+    killed outright; a live writer's file is younger than an hour."""
+    import time
+
+    if not exists(fs, folder):
+        return []
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(folder)):
+        if (info.type == pafs.FileType.File and _TEMPORARY.search(info.base_name) and info.mtime is not None
+                and time.time() - info.mtime.timestamp() > older_than_seconds):
+            fs.delete_file(info.path)
+            removed.append(info.path)
+    return removed

@@ -257,6 +257,18 @@ def test_without_a_store_int8_is_skipped_and_said(local_experiment, tmp_path):
 # The report's ensemble row ---------------------------------------------------------------
 
 
+def test_report_removes_what_a_killed_report_left_but_not_a_live_one(local_experiment, tmp_path):
+    copy = tmp_path / "e"
+    shutil.copytree(local_experiment, copy)
+    (copy / "best").mkdir(exist_ok=True)
+    stale, live = copy / "best" / "best.json.tmp-76802d33", copy / "results.md.tmp-0123abcd"
+    for path in (stale, live):
+        path.write_text("half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # a report killed two hours ago
+    build_report(str(copy))
+    assert not stale.exists() and live.exists()  # the younger may be another report's, still writing
+
+
 def test_report_has_an_ensemble_row_of_the_best_two(local_experiment, synthetic_store):
     from skincluster.models import load_model
     from skincluster.train.evaluate import predict_split

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import math
+import posixpath
 import statistics
 from typing import Any
 
@@ -273,9 +274,13 @@ def build_report(experiment_dir: str) -> dict[str, Any]:
     # Each file is replaced whole (written under a temporary name, then
     # renamed); report.md last, as it is the one that says the rest is done.
     # An interrupted report may leave some files from the run before: the next
-    # `skincluster report` rewrites them all.
+    # `skincluster report` rewrites them all, and removes the temporary files
+    # of one killed outright once they are an hour old.
     for name, data in files.items():
         storage.write_bytes_atomic(fs, f"{root}/{name}", data)
+    for folder in dict.fromkeys(posixpath.dirname(f"{root}/{name}")
+                                for name in (*files, *BEST_FILES, "ensemble/evaluation.json")):
+        storage.remove_stale_temporaries(fs, folder)  # of a report killed outright
     return {"experiment": experiment_dir, "best": best, "rows": len(table), "ensemble": ensemble_note,
             "report": storage.join(experiment_dir, "report.md")}
 
