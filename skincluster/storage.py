@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
 import uuid
 from typing import Any
 
@@ -83,6 +82,18 @@ def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return fh.read()
 
 
+#: What write_bytes_atomic puts between a file's name and a random suffix while writing it.
+TEMPORARY_MARK = ".tmp-"
+#: Temporary files and folders older than this are left from a process killed
+#: outright (kill -9, a lost node); a live writer's are younger.
+STALE_AFTER_SECONDS = 3600
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is write_bytes_atomic's name for a file still being written."""
+    return TEMPORARY_MARK in name
+
+
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     """Write under a temporary name, then rename: readers see all or nothing.
 
@@ -92,7 +103,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     parent = posixpath.dirname(path) if "/" in path else ""
     if parent:
         fs.create_dir(parent, recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = f"{path}{TEMPORARY_MARK}{uuid.uuid4().hex[:8]}"
     try:
         with fs.open_output_stream(tmp) as fh:
             fh.write(data)
@@ -146,21 +157,13 @@ def write_local_atomic(path: str, data: bytes) -> None:
     write_bytes_atomic(fs, local, data)
 
 
-#: The suffix write_bytes_atomic gives a file while it is being written.
-_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}$")
-
-
-def remove_stale_temporaries(fs: pafs.FileSystem, folder: str, older_than_seconds: float = 3600) -> list[str]:
-    """Remove what write_bytes_atomic left in `folder` when its process was
-    killed outright; a live writer's file is younger than an hour."""
+def remove_stale_temporaries(fs: pafs.FileSystem, folder: str) -> None:
+    """Remove what write_bytes_atomic left in `folder` when its process was killed outright."""
     import time
 
     if not exists(fs, folder):
-        return []
-    removed = []
+        return
     for info in fs.get_file_info(pafs.FileSelector(folder)):
-        if (info.type == pafs.FileType.File and _TEMPORARY.search(info.base_name) and info.mtime is not None
-                and time.time() - info.mtime.timestamp() > older_than_seconds):
+        if (info.type == pafs.FileType.File and is_temporary(info.base_name) and info.mtime is not None
+                and time.time() - info.mtime.timestamp() > STALE_AFTER_SECONDS):
             fs.delete_file(info.path)
-            removed.append(info.path)
-    return removed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -10,7 +9,8 @@ import yaml
 
 import ray
 from conftest import REPO
-from skincluster.cli import build_parser
+from test_jobs import load_job
+from skincluster.cli import _scaling, build_parser
 from skincluster.config import Scaling
 from skincluster.train.resources import Capacity, ResourceError, check_resources, cluster_capacity
 from skincluster.tune.compare import concurrent_trials
@@ -49,11 +49,8 @@ def head_of(monkeypatch, tmp_path):
 
 
 def _job_scaling(args: list[str]) -> Scaling:
-    spec = importlib.util.spec_from_file_location("train_enhanced", REPO / "jobs" / "train_enhanced.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parsed = build_parser().parse_args(module.build_args(["--data", "s3://b/store", *args]))
-    return Scaling(workers=parsed.workers, gpus_per_worker=parsed.gpus_per_worker, cpus_per_worker=parsed.cpus_per_worker)
+    """The hardware jobs/train_enhanced.py asks `skincluster train` for."""
+    return _scaling(build_parser().parse_args(load_job("train_enhanced").build_args(["--data", "s3://b/store", *args])))
 
 
 def test_resource_check_leaves_cpu_for_ray_data():

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from skincluster import storage
 from skincluster.config import CLASS_NAMES, IMAGE_SHAPE
 
 #: Quantisation that costs more balanced accuracy than this (1 point) is called out.
@@ -311,15 +312,12 @@ def _publish(staging: str, out_dir: str, names: list[str]) -> None:
             remove(target)  # a stale int8 file from an earlier export would not match this model
 
 
-def _remove_stale_staging(out_dir: str, older_than_seconds: float = 3600) -> None:
-    """Staging folders of exports killed outright (kill -9, a lost machine): a
-    live export's is younger, so only those an hour old are taken away."""
-    import time
-
+def _remove_stale_staging(out_dir: str) -> None:
+    """Staging folders of exports killed outright (kill -9, a lost machine)."""
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
         if name.startswith(STAGING_PREFIX) and os.path.isdir(path) \
-                and time.time() - os.path.getmtime(path) > older_than_seconds:
+                and time.time() - os.path.getmtime(path) > storage.STALE_AFTER_SECONDS:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -210,7 +210,7 @@ class LocalContext:
             def fetch(tmp: str, folder: str = folder) -> None:
                 os.makedirs(tmp)
                 for entry in fs.get_file_info(pafs.FileSelector(f"{path}/{folder}")):
-                    if entry.type == pafs.FileType.File and ".tmp-" not in entry.base_name:
+                    if entry.type == pafs.FileType.File and not storage.is_temporary(entry.base_name):
                         with open(os.path.join(tmp, entry.base_name), "wb") as fh:
                             fh.write(storage.read_bytes(fs, entry.path))
 

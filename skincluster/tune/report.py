@@ -337,8 +337,9 @@ def ensemble(experiment_dir: str, experiment: dict, evaluations: dict[str, dict]
     fs, root = storage.resolve(experiment_dir)
     # The cache is keyed on the members' evaluations and models: a retrained
     # member changes both, a model file replaced by another (or damaged) its bytes.
-    key = hashlib.sha256(b"".join(storage.read_bytes(fs, f"{root}/runs/{m}/{name}")
-                                  for m in members for name in ("evaluation.json", "model.keras"))).hexdigest()
+    model_files = {m: storage.read_bytes(fs, f"{root}/runs/{m}/model.keras") for m in members}
+    key = hashlib.sha256(b"".join(storage.read_bytes(fs, f"{root}/runs/{m}/evaluation.json") + model_files[m]
+                                  for m in members)).hexdigest()
     cache_path = f"{root}/ensemble/evaluation.json"
     try:
         cached = _read_json(fs, cache_path)
@@ -348,7 +349,7 @@ def ensemble(experiment_dir: str, experiment: dict, evaluations: dict[str, dict]
         evaluation = cached["evaluation"]
     else:
         try:
-            evaluation = _evaluate_ensemble(fs, root, members, runs[0])
+            evaluation = _evaluate_ensemble(model_files, runs[0])
         except Exception as exc:  # noqa: BLE001
             # The row is an extra: a store that moved or a model that no longer
             # loads must not cost the report of the trials themselves.
@@ -377,8 +378,8 @@ def ensemble(experiment_dir: str, experiment: dict, evaluations: dict[str, dict]
     return row, note
 
 
-def _evaluate_ensemble(fs, root: str, members: list[str], data: dict) -> dict:
-    """Load the members (copied to a local temporary folder: Keras reads local files), average, evaluate."""
+def _evaluate_ensemble(model_files: dict[str, bytes], data: dict) -> dict:
+    """Load the members (written to a local temporary folder: Keras reads local files), average, evaluate."""
     import os
     import tempfile
 
@@ -389,16 +390,16 @@ def _evaluate_ensemble(fs, root: str, members: list[str], data: dict) -> dict:
 
     models = []
     with tempfile.TemporaryDirectory(prefix="skincluster-ensemble-") as tmp:
-        for model in members:
+        for model, content in model_files.items():
             local = os.path.join(tmp, f"{model}.keras")
             with open(local, "wb") as fh:
-                fh.write(storage.read_bytes(fs, f"{root}/runs/{model}/model.keras"))
+                fh.write(content)
             models.append(load_model(local))
     store = open_store(data["store"])
     if data.get("fingerprint") not in (None, store.manifest.get("fingerprint")):
         raise ValueError(f"{data['store']} was ingested again since the members were trained")
     evaluation = evaluate_model(ensemble_model(models), store, data["limit"], data["seed"])
-    evaluation.update(model="ensemble", members=members)
+    evaluation.update(model="ensemble", members=list(model_files))
     return evaluation
 
 
